@@ -1,0 +1,4 @@
+"""`python -m metarun` is the `metarun` command."""
+from metarun.cli import main
+
+main()

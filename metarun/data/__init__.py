@@ -1,0 +1,1 @@
+"""Data sources and episode sampling for metarun."""

@@ -1,0 +1,76 @@
+"""Run-directory writers: atomic JSON, the metrics.jsonl log (truncatable on resume), 95% CIs."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List
+
+import numpy as np
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file in the same directory, fsync, then rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def mean_ci95(values: Iterable[float]) -> Dict[str, float]:
+    """Mean and the 95% normal-approximation half-width 1.96 * std / sqrt(n) (std with ddof=1)."""
+    v = np.asarray(list(values), dtype=np.float64)
+    n = v.size
+    std = float(v.std(ddof=1)) if n > 1 else 0.0
+    return {"mean": float(v.mean()), "ci95": 1.96 * std / math.sqrt(n), "std": std, "n": int(n)}
+
+
+def to_python(tree):
+    """Device scalars -> plain floats for JSON."""
+    if isinstance(tree, dict):
+        return {k: to_python(v) for k, v in tree.items()}
+    return float(np.asarray(tree))
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step, each with `step`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def read(self) -> List[dict]:
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill: drop it
+                break
+        return rows
+
+    def truncate_after(self, step: int) -> List[dict]:
+        """Keep rows up to `step` (the restored checkpoint), so a resumed log equals an uninterrupted one."""
+        rows = [r for r in self.read() if r["step"] <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        return rows
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()

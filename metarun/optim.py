@@ -1,0 +1,39 @@
+"""The outer (meta) optimizer from the `meta_opt` config: optax transforms and schedules."""
+from __future__ import annotations
+
+import optax
+
+from metarun.errors import UserError
+
+
+def make_schedule(cfg, total_steps: int):
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    end = cfg.lr * cfg.end_lr_fraction
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_fraction)
+    elif cfg.schedule == "linear":
+        main = optax.linear_schedule(cfg.lr, end, decay_steps)
+    else:
+        raise UserError(f"meta_opt.schedule={cfg.schedule} is unknown; expected constant, cosine or linear")
+    if cfg.warmup_steps:
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), main],
+                                    [cfg.warmup_steps])
+    return main
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    """Adam (default), AdamW or SGD with the configured schedule and optional global-norm clipping."""
+    lr = make_schedule(cfg, total_steps)
+    if cfg.name == "adam":
+        opt = optax.adam(lr)
+    elif cfg.name == "adamw":
+        opt = optax.adamw(lr, weight_decay=cfg.weight_decay)
+    elif cfg.name == "sgd":
+        opt = optax.sgd(lr, momentum=cfg.momentum)
+    else:
+        raise UserError(f"meta_opt.name={cfg.name} is unknown; expected adam, adamw or sgd")
+    if cfg.grad_clip:
+        opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
+    return opt

@@ -1,0 +1,119 @@
+"""Shared pytest setup: markers, a private cache dir, and a tiny fake Omniglot in the canonical layout."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+# Lets `import metarun` work from a plain checkout before the package is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Small but enough for 5-way episodes everywhere: lake split (last 5 background alphabets = val)
+# gives train 2x3=6, val 5x3=15, test 2x3=6 characters.
+FAKE_LAYOUT = {
+    "images_background": {f"Alpha{a}": 3 for a in "ABCDEFG"},
+    "images_evaluation": {"Eval_One": 3, "Eval_Two": 3},
+}
+FAKE_DRAWINGS = 20
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "realdata: needs the real Omniglot files")
+    config.addinivalue_line("markers", "slow: long-running; skipped unless --runslow")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --runslow to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Keep tests from writing into the user's ~/.cache/metarun."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("METARUN_CACHE", str(tmp_path_factory.mktemp("metarun_cache")))
+        yield
+
+
+def _fake_png(rng: np.random.Generator, strokes: np.ndarray) -> bytes:
+    """One 105x105 1-bit drawing: the character's strokes, jittered per drawer; ink 0 on white 1 like Omniglot."""
+    im = Image.new("1", (105, 105), 1)
+    draw = ImageDraw.Draw(im)
+    for x0, y0, x1, y1 in strokes + rng.integers(-3, 4, strokes.shape):
+        draw.line([(int(x0), int(y0)), (int(x1), int(y1))], fill=0, width=4)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def fake_omniglot_files() -> dict[str, bytes]:
+    """{"images_background/Alphabet/characterNN/XXXX_YY.png": png bytes}, deterministic."""
+    files, char_id = {}, 0
+    for part, alphabets in FAKE_LAYOUT.items():
+        for alphabet, n_chars in alphabets.items():
+            for c in range(1, n_chars + 1):
+                char_id += 1
+                rng = np.random.default_rng(char_id)
+                strokes = rng.integers(10, 95, (3, 4))
+                for d in range(1, FAKE_DRAWINGS + 1):
+                    files[f"{part}/{alphabet}/character{c:02d}/{char_id:04d}_{d:02d}.png"] = _fake_png(rng, strokes)
+    return files
+
+
+def write_fake_omniglot(root: Path, as_zip: bool = True) -> Path:
+    """Write the fake set under root as images_*.zip (entries in reverse order) or as extracted folders."""
+    root.mkdir(parents=True, exist_ok=True)
+    files = fake_omniglot_files()
+    if as_zip:
+        for part in FAKE_LAYOUT:
+            # Reverse order so a loader that trusts archive order instead of filenames is caught.
+            with zipfile.ZipFile(root / f"{part}.zip", "w") as zf:
+                for name in sorted((n for n in files if n.startswith(part + "/")), reverse=True):
+                    zf.writestr(name, files[name])
+    else:
+        for name, data in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_omniglot_layout() -> dict:
+    """{part: {alphabet: n_characters}} of the fake set; every character has FAKE_DRAWINGS (20) drawings."""
+    return FAKE_LAYOUT
+
+
+@pytest.fixture(scope="session")
+def fake_omniglot_dir(tmp_path_factory) -> Path:
+    """A directory holding images_background.zip and images_evaluation.zip of a tiny fake Omniglot."""
+    return write_fake_omniglot(tmp_path_factory.mktemp("omniglot_zips"), as_zip=True)
+
+
+@pytest.fixture(scope="session")
+def fake_omniglot_folders(tmp_path_factory) -> Path:
+    """The same fake Omniglot as extracted folders images_background/ and images_evaluation/."""
+    return write_fake_omniglot(tmp_path_factory.mktemp("omniglot_folders"), as_zip=False)
+
+
+@pytest.fixture(scope="session")
+def real_omniglot_dir() -> Path:
+    """The real Omniglot files (METARUN_OMNIGLOT_DIR or ../shared/data/omniglot); skips when absent."""
+    path = Path(os.environ.get("METARUN_OMNIGLOT_DIR") or Path(__file__).resolve().parents[2] / "shared/data/omniglot")
+    if not path.is_dir():
+        pytest.skip(f"real Omniglot not found at {path}")
+    return path
