@@ -50,17 +50,20 @@ def init_state(algo: MetaAlgorithm, optimizer: optax.GradientTransformation, sam
 
 
 def make_train_chunk(algo: MetaAlgorithm, optimizer: optax.GradientTransformation, sampler: Sampler,
-                     meta_batch: int, steps: int) -> Callable:
+                     meta_batch: int, steps: int, shard_tasks: Callable | None = None) -> Callable:
     """A jitted `(state, data) -> (state, metrics)` running `steps` meta-steps in one lax.scan.
 
     Tasks are sampled inside the step from the device-resident `data`, so a chunk makes no
-    host round trip; `metrics` has a leading axis of length `steps`.
+    host round trip; `metrics` has a leading axis of length `steps`. `shard_tasks` (from
+    metarun.sharding) places the sampled task batch over several devices.
     """
 
     def one_step(data, state: TrainState, _):
         step_key = jax.random.fold_in(state.key, state.step)
         task_key, algo_key = jax.random.split(step_key)
         tasks = sample_batch(sampler, data, task_key, meta_batch)
+        if shard_tasks is not None:
+            tasks = shard_tasks(tasks)
         grads, metrics = meta_gradient(algo, state.params, tasks, algo_key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
