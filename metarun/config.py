@@ -84,6 +84,26 @@ class MAMLConfig:
     first_order: bool = False
 
 
+@dataclass
+class ProtoNetConfig:
+    """Prototypical Networks: no hyperparameters beyond the episode shapes (task.ways > test_ways is fine)."""
+    name: str = "protonet"
+
+
+@dataclass
+class MatchingNetConfig:
+    name: str = "matchingnet"
+    fce: bool = False        # full context embeddings (bidirectional LSTM + attention LSTM)
+    fce_steps: int = 5       # processing steps K of the attention LSTM (used only when fce)
+
+
+@dataclass
+class RelationNetConfig:
+    name: str = "relationnet"
+    hidden: int = 8              # the relation module's FC width (8 in the paper)
+    class_feature: str = "sum"   # sum (the paper's K-shot rule) | mean of a class's support maps
+
+
 # ---- the rest -------------------------------------------------------------------------
 @dataclass
 class TaskConfig:
@@ -152,7 +172,9 @@ class Config:
 SCHEMAS = {
     "dataset": {"omniglot": OmniglotConfig, "sinusoid": SinusoidConfig, "synthetic": SyntheticConfig},
     "learner": {"conv4": Conv4Config, "mlp": MLPConfig},
-    "algo": {"maml": MAMLConfig},
+    "algo": {"maml": MAMLConfig,
+             "protonet": ProtoNetConfig, "matchingnet": MatchingNetConfig,
+             "relationnet": RelationNetConfig},
     "task": {"task": TaskConfig},
     "meta_opt": {"meta_opt": MetaOptConfig},
 }

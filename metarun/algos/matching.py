@@ -1,0 +1,99 @@
+"""Matching Networks (Vinyals et al. 2016): softmax cosine attention over the support set, optional FCE."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from metarun.algos.base import MetaAlgorithm
+from metarun.algos.protonet import check_classification, phase_ways
+
+
+def cosine_attention(queries: jax.Array, support: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """[q, n] attention a(x̂, x_i) = softmax_i cos(f(x̂), g(x_i)); each row sums to one."""
+    normalize = lambda v: v * jax.lax.rsqrt(jnp.square(v).sum(-1, keepdims=True) + eps)  # noqa: E731
+    return jax.nn.softmax(normalize(queries) @ normalize(support).T, axis=-1)
+
+
+class SupportContext(nn.Module):
+    """FCE's g: a bidirectional LSTM over the support embeddings, g = h_fwd + h_bwd + g'(x_i)."""
+
+    @nn.compact
+    def __call__(self, support):                       # [n, d] -> [n, d]
+        d = support.shape[-1]
+        bi = nn.Bidirectional(nn.RNN(nn.OptimizedLSTMCell(d)), nn.RNN(nn.OptimizedLSTMCell(d)),
+                              merge_fn=lambda a, b: a + b)
+        return bi(support[None])[0] + support
+
+
+class QueryContext(nn.Module):
+    """FCE's f: an attention LSTM run `steps` times with the query embedding as its input.
+
+    h_k = ĥ_k + f'(x̂); r_k = Σ_i softmax(h_k·g(x_i)) g(x_i); ĥ_{k+1}, c = LSTM(f'(x̂), (h_k + r_k, c)).
+    The paper concatenates [h, r] as the LSTM state; adding them (as common re-implementations do)
+    keeps the state at the embedding width.
+    """
+    steps: int
+
+    @nn.compact
+    def __call__(self, queries, support):              # [q, d], [n, d] -> [q, d]
+        cell = nn.OptimizedLSTMCell(queries.shape[-1], name="lstm")
+        h_hat, c = jnp.zeros_like(queries), jnp.zeros_like(queries)
+        for _ in range(self.steps):
+            h = h_hat + queries
+            readout = jax.nn.softmax(h @ support.T, axis=-1) @ support
+            (c, h_hat), _ = cell((c, h + readout), queries)
+        return h_hat + queries
+
+
+def matchingnet(embedding, objective, ways: int, fce: bool = False, fce_steps: int = 5) -> MetaAlgorithm:
+    """Builds Matching Networks over an embedding network; no inner gradient steps.
+
+    `adapt` embeds the support set (the support bank; with FCE, re-embedded by a bidirectional
+    LSTM in the context of the whole set); `loss` attends from each query embedding over the
+    bank with a softmax of cosine similarities, predicts P(y|x̂) = Σ_i a(x̂, x_i) onehot(y_i), and
+    applies the objective (cross-entropy) to log P, i.e. the NLL. The shared embedding's
+    transductive BatchNorm normalises support and query each with their own batch statistics.
+
+    Args:
+      embedding: a Flax module mapping images [n, H, W, C] to embeddings [n, d] (no head).
+      objective: (logits, labels) -> (loss, metrics); it receives log-probabilities.
+      ways: classes per episode in this phase (labels 0..ways-1).
+      fce: full context embeddings (Vinyals et al. appendix A.2).
+      fce_steps: processing steps K of the attention LSTM.
+    """
+    support_context, query_context = SupportContext(), QueryContext(fce_steps)
+
+    def init(key, task):
+        k_embed, k_g, k_f = jax.random.split(key, 3)
+        params = {"embed": embedding.init(k_embed, task.support.x)["params"]}
+        if fce:
+            z = embedding.apply({"params": params["embed"]}, task.support.x)
+            params["fce_g"] = support_context.init(k_g, z)["params"]
+            params["fce_f"] = query_context.init(k_f, z, z)["params"]
+        return params
+
+    def adapt(meta_params, support, key):
+        del key
+        bank = embedding.apply({"params": meta_params["embed"]}, support.x)
+        if fce:
+            bank = support_context.apply({"params": meta_params["fce_g"]}, bank)
+        return bank, jax.nn.one_hot(support.y, ways)
+
+    def loss(meta_params, task_state, query, key):
+        del key
+        bank, support_one_hot = task_state
+        queries = embedding.apply({"params": meta_params["embed"]}, query.x)
+        if fce:
+            queries = query_context.apply({"params": meta_params["fce_f"]}, queries, bank)
+        probs = cosine_attention(queries, bank) @ support_one_hot       # [q, ways], rows sum to one
+        # Cosines lie in [-1, 1], so every class keeps probability >= e^-2/n: log is safe.
+        return objective(jnp.log(probs), query.y)
+
+    return MetaAlgorithm(init=init, adapt=adapt, loss=loss)
+
+
+def from_config(cfg, learner, objective, phase: str) -> MetaAlgorithm:
+    """Matching Networks over the head-less learner, with `algo.fce` and `algo.fce_steps`."""
+    check_classification(cfg)
+    return matchingnet(learner, objective, phase_ways(cfg, phase), cfg.algo.fce, cfg.algo.fce_steps)
