@@ -19,6 +19,7 @@ from metarun.errors import UserError
 from metarun.evaluate import Evaluator, format_result, score, write_results
 from metarun.metrics import MetricsLog, to_python
 from metarun.optim import make_optimizer
+from metarun import sharding
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def run(cfg, run_dir: Path) -> Optional[float]:
     """Train per `cfg` into `run_dir`; returns the best validation score (the sweep objective)."""
     run_dir = Path(run_dir)
     check_config(cfg)
+    mesh = sharding.task_mesh(cfg.train.meta_batch)  # None on one device; checks meta_batch divides
     source = load_task_source(cfg.dataset, cfg.seed)
     shapes = episode_shapes(cfg.task)
     train_sampler = source.sampler("train", shapes["train"])
@@ -96,13 +98,19 @@ def run(cfg, run_dir: Path) -> Optional[float]:
         ckpts.drop_best_after(start)
         wall_offset = max((r.get("wall_s", 0.0) for r in rows), default=0.0)
         log.info("resuming at step %d from %s", start, run_dir / "checkpoints")
+    # More than one device: tasks split over a "tasks" mesh axis, params and data replicated.
+    state = sharding.replicate(state, mesh)
+    train_data = sharding.replicate(source.data["train"], mesh)
+    if mesh is not None:
+        log.info("%s", sharding.describe(mesh))
     start = int(state.step)
     total = cfg.train.steps
 
     chunk = chunk_size(cfg)
     compile_start = time.perf_counter()
-    train_chunk = make_train_chunk(algo, optimizer, train_sampler, cfg.train.meta_batch, chunk)
-    train_chunk = train_chunk.lower(state, source.data["train"]).compile()
+    train_chunk = make_train_chunk(algo, optimizer, train_sampler, cfg.train.meta_batch, chunk,
+                                   shard_tasks=sharding.task_constraint(mesh))
+    train_chunk = train_chunk.lower(state, train_data).compile()
     compile_s = time.perf_counter() - compile_start
     log.info("compiled %d meta-steps per call in %.1f s", chunk, compile_s)
 
@@ -115,7 +123,7 @@ def run(cfg, run_dir: Path) -> Optional[float]:
                desc=f"{cfg.algo.name}/{cfg.dataset.name}")
     step = start
     while step < total:
-        state, metrics = train_chunk(state, source.data["train"])
+        state, metrics = train_chunk(state, train_data)
         pending.append(metrics)
         step += chunk
         bar.update(chunk)
