@@ -64,8 +64,10 @@ class Evaluator:
         return out
 
 
-def score(metric: str, value: float) -> float:
-    """Higher is better, whatever the metric (accuracy up, MSE down)."""
+def score(metric: str, value: Optional[float]) -> float:
+    """Higher is better, whatever the metric (accuracy up, MSE down); a diverged (None) value is worst."""
+    if value is None:
+        return float("-inf")
     return -value if metric == "mse" else value
 
 
@@ -77,6 +79,7 @@ def write_results(run_dir: Path, cfg, evaluator: Evaluator, params, extra: dict)
     main = by_steps[evaluator.inner_steps]
     results = {
         "metric": evaluator.metric, "mean": main["mean"], "ci95": main["ci95"], "std": main["std"],
+        "median": main["median"], "nonfinite": main["nonfinite"],
         "episodes": main["n"], "split": evaluator.split, "eval_seed": evaluator.seed,
         "inner_steps": evaluator.inner_steps,
         "by_inner_steps": {str(k): v for k, v in by_steps.items() if k is not None},
@@ -99,6 +102,9 @@ def evaluator_shape(cfg):
 def format_result(results: dict) -> str:
     scale, unit = (100.0, "%") if results["metric"] == "accuracy" else (1.0, "")
     steps = f", {results['inner_steps']} inner steps" if results.get("inner_steps") is not None else ""
+    if results["mean"] is None:
+        return (f"test {results['metric']}: diverged on {results['nonfinite']} of {results['episodes']} episodes "
+                f"(median {results['median']:.4g}{steps})")
     return (f"test {results['metric']}: {results['mean'] * scale:.2f} ± {results['ci95'] * scale:.2f}{unit} "
             f"(95% CI, {results['episodes']} episodes{steps})")
 

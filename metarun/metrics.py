@@ -6,7 +6,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 
@@ -32,12 +32,20 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def mean_ci95(values: Iterable[float]) -> Dict[str, float]:
-    """Mean and the 95% normal-approximation half-width 1.96 * std / sqrt(n) (std with ddof=1)."""
+def mean_ci95(values: Iterable[float]) -> Dict[str, Optional[float]]:
+    """Mean and the 95% normal-approximation half-width 1.96 * std / sqrt(n) (std with ddof=1).
+
+    A diverged episode (inf/NaN) makes mean, std and ci95 None (JSON null), never a silent
+    NaN; `nonfinite` counts such episodes and the median is still given.
+    """
     v = np.asarray(list(values), dtype=np.float64)
     n = v.size
+    nonfinite = int(np.count_nonzero(~np.isfinite(v)))
+    out = {"n": int(n), "nonfinite": nonfinite, "median": float(np.median(v)) if n else None}
+    if nonfinite or n == 0:
+        return {**out, "mean": None, "ci95": None, "std": None}
     std = float(v.std(ddof=1)) if n > 1 else 0.0
-    return {"mean": float(v.mean()), "ci95": 1.96 * std / math.sqrt(n), "std": std, "n": int(n)}
+    return {**out, "mean": float(v.mean()), "ci95": 1.96 * std / math.sqrt(n), "std": std}
 
 
 def to_python(tree):

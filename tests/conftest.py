@@ -117,3 +117,24 @@ def real_omniglot_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"real Omniglot not found at {path}")
     return path
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(overrides=()):
+    """The config `metarun <overrides>` would run, composed without starting a Hydra app."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from metarun.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+@pytest.fixture
+def fake_omniglot_overrides(fake_omniglot_dir):
+    """Overrides for a smoke run on the fake Omniglot (lake split: the fake has no Vinyals names)."""
+    return ["debug=smoke", f"dataset.local_dir={fake_omniglot_dir}", "dataset.split=lake",
+            "train.progress=false"]

@@ -1,0 +1,117 @@
+"""The `metarun` command end to end: run dirs, results, kill-and-resume, and one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import compose
+from metarun.cli import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def metarun(*overrides, cwd=None, timeout=300):
+    """Run the real command line in a subprocess (as a user would) and return the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "metarun", *overrides], cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_cli_smoke_run_writes_a_complete_run_dir(tmp_path, fake_omniglot_overrides):
+    run_dir = tmp_path / "run"
+    proc = metarun(*fake_omniglot_overrides, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert all("train/loss" in r and "train/accuracy" in r for r in rows)
+    assert "val/accuracy" in rows[1]
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "last").iterdir() if p.name.isdigit()) == ["10", "20"]
+    assert any(p.name.isdigit() for p in (run_dir / "checkpoints" / "best").iterdir())
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["metric"] == "accuracy" and results["episodes"] == 20 and results["split"] == "test"
+    assert 0.0 <= results["mean"] <= 1.0 and results["ci95"] >= 0.0
+    assert results["inner_steps"] == 3 and results["train_wall_s"] > 0
+    assert "test accuracy" in proc.stdout
+
+    # mode=eval on that run reproduces the test figure from its best checkpoint.
+    eval_dir = tmp_path / "eval"
+    proc = metarun(*fake_omniglot_overrides, "mode=eval", f"ckpt={run_dir}", f"hydra.run.dir={eval_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads((eval_dir / "results.json").read_text())
+    assert again["mean"] == pytest.approx(results["mean"]) and again["checkpoint"] == "best"
+
+
+def test_sinusoid_reports_mse_after_1_5_10_steps(tmp_path):
+    cfg = compose(["experiment=maml_sinusoid", "train.steps=200", "train.steps_per_call=100",
+                   "train.log_every=100", "train.val_every=100", "train.ckpt_every=100", "eval.episodes=50",
+                   "train.progress=false"])
+    run(cfg, tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["metric"] == "mse" and results["inner_steps"] == 1 and results["shots"] == 5
+    assert set(results["by_inner_steps"]) == {"1", "5", "10"}
+
+
+def _strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in ("wall_s", "steps_per_s")} for r in rows]
+
+
+def test_a_killed_run_resumes_to_the_same_final_metrics(tmp_path, fake_omniglot_overrides):
+    overrides = [*fake_omniglot_overrides, "train.steps=60", "train.val_every=20", "train.ckpt_every=10",
+                 "train.log_every=10", "train.keep_ckpts=10"]
+    whole = tmp_path / "whole"
+    assert metarun(*overrides, f"hydra.run.dir={whole}").returncode == 0
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "metarun", *overrides, f"hydra.run.dir={cut}"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.time() + 240
+    while not (cut / "checkpoints" / "last" / "20").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "results.json").exists(), "the run finished before it could be killed"
+
+    resumed = metarun(*overrides, f"hydra.run.dir={cut}", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = json.loads((whole / "results.json").read_text())
+    b = json.loads((cut / "results.json").read_text())
+    assert (b["mean"], b["ci95"], b["checkpoint"]) == (a["mean"], a["ci95"], a["checkpoint"])
+    rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert _strip_timing(rows(cut)) == _strip_timing(rows(whole))
+
+
+def test_rerunning_into_a_dir_with_checkpoints_without_resume_is_refused(tmp_path, fake_omniglot_overrides):
+    cfg = compose([*fake_omniglot_overrides, "train.steps=5", "train.ckpt_every=5", "train.val_every=0",
+                   "eval.episodes=5"])
+    run(cfg, tmp_path)
+    from metarun.errors import UserError
+    with pytest.raises(UserError, match="resume=true"):
+        run(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["dataset.local_dir=/no/such/omniglot"], "/no/such/omniglot"),
+    (["task.ways=500"], "task ways=500 exceeds"),
+    (["dataset=sinusoid"], "needs learner=mlp"),
+])
+def test_user_mistakes_give_one_line_errors(tmp_path, fake_omniglot_overrides, overrides, expected):
+    base = fake_omniglot_overrides if overrides[0].startswith(("dataset.", "task.")) else ["debug=smoke"]
+    proc = metarun(*base, *overrides, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("metarun: error:")]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
+
+
+def test_unknown_algo_is_hydras_one_message(tmp_path):
+    proc = metarun("algo=nope", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "Could not find 'algo/nope'" in proc.stderr and "maml" in proc.stderr
