@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from metarun.config import Mode, register_configs
@@ -34,13 +35,39 @@ def _hydra_main(cfg: DictConfig):
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     # orbax logs every save at INFO through absl; keep the run log about the run.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
         return run(cfg, run_dir)
     except UserError as e:
+        if _multirun():
+            # One bad combination must not end the sweep: record it in the job's dir and return
+            # NaN (Optuna marks the trial failed and goes on; the basic sweeper ignores it).
+            path = _record_failure(run_dir, e)
+            log.error("%s (job failed; recorded in %s)", e, path)
+            print(f"metarun: error: {e}", file=sys.stderr)
+            return float("nan")
         # A user mistake: one line, no traceback, exit status 2.
         log.error("%s", e)
         print(f"metarun: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        # A bug: in a sweep, record it and re-raise. Hydra's launchers catch it per job, finish
+        # the other jobs, then the sweep exits non-zero; failure.json keeps the traceback.
+        if _multirun():
+            _record_failure(run_dir, e)
+        raise
+
+
+def _multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # no Hydra app running (a test calling the function directly)
+        return False
+
+
+def _record_failure(run_dir: Path, exc: BaseException) -> Path:
+    from metarun.report import write_failure
+    return write_failure(run_dir, exc, HydraConfig.get().overrides.task)
 
 
 def main() -> None:
