@@ -82,6 +82,43 @@ class MAMLConfig:
     inner_steps: int = 1
     eval_inner_steps: int = 3
     first_order: bool = False
+    # MAML++ (Antoniou et al. 2019) options; all off = plain MAML.
+    msl: bool = False                        # multi-step loss, fixed weights (no annealing: needs the step)
+    msl_last_weight: Optional[float] = None  # None: uniform over steps; else the last step's weight
+    lslr: bool = False                       # learned per-layer per-step inner learning rates
+    per_step_bn: bool = False                # per-step BatchNorm scale/bias (BNWB)
+
+
+@dataclass
+class ReptileConfig:
+    name: str = "reptile"
+    inner_opt: str = "adam"                   # adam | sgd; fresh state per task
+    inner_lr: float = 1e-3
+    inner_beta1: float = 0.0                  # supervised-reptile's Adam has beta1=0
+    inner_steps: int = 5
+    inner_batch: Optional[int] = 10           # examples per inner step; null = the whole support set
+    eval_inner_steps: int = 50
+    eval_inner_batch: Optional[int] = 5
+    transductive: bool = True                 # query scored as one batch (BN statistics over the queries)
+
+
+@dataclass
+class MetaSGDConfig:
+    name: str = "metasgd"
+    inner_lr_init: List[float] = field(default_factory=lambda: [0.005, 0.1])  # uniform [low, high]
+    learn_inner_lr: bool = True
+    inner_steps: int = 1
+    eval_inner_steps: int = 1
+    first_order: bool = False
+
+
+@dataclass
+class ANILConfig:
+    name: str = "anil"
+    inner_lr: float = 0.4
+    inner_steps: int = 1
+    eval_inner_steps: int = 3
+    first_order: bool = False
 
 
 @dataclass
@@ -172,7 +209,7 @@ class Config:
 SCHEMAS = {
     "dataset": {"omniglot": OmniglotConfig, "sinusoid": SinusoidConfig, "synthetic": SyntheticConfig},
     "learner": {"conv4": Conv4Config, "mlp": MLPConfig},
-    "algo": {"maml": MAMLConfig,
+    "algo": {"maml": MAMLConfig, "reptile": ReptileConfig, "metasgd": MetaSGDConfig, "anil": ANILConfig,
              "protonet": ProtoNetConfig, "matchingnet": MatchingNetConfig,
              "relationnet": RelationNetConfig},
     "task": {"task": TaskConfig},

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from metarun.algos import maml
+from metarun.algos import anil, metasgd, reptile
 from metarun.algos import matching, protonet, relation
 from metarun.algos.base import OBJECTIVES, PRIMARY_METRIC, MetaAlgorithm
 from metarun.errors import UserError
@@ -11,6 +12,9 @@ from metarun.learners import build_learner
 ALGORITHMS = {
     "maml": (maml.from_config, True),
     "fomaml": (maml.from_config, True),
+    "reptile": (reptile.from_config, True),
+    "metasgd": (metasgd.from_config, True),
+    "anil": (anil.from_config, True),
     "protonet": (protonet.from_config, False),
     "matchingnet": (matching.from_config, False),
     "relationnet": (relation.from_config, False),
