@@ -1,0 +1,219 @@
+"""ProtoNet, Matching Nets and Relation Nets: each scoring rule against NumPy, training through the real trainer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metarun.algos import build_algo
+from metarun.algos.matching import cosine_attention, matchingnet
+from metarun.algos.protonet import protonet
+from metarun.algos.relation import relation_scores, relationnet
+from metarun.core import init_state, make_train_chunk
+from metarun.data.sources import episode_shapes, load_task_source
+from metarun.data.tasks import Examples, Task
+from metarun.errors import UserError
+from metarun.learners.conv4 import Conv4
+from metarun.learners.relation import RelationEmbedding, RelationModule
+from metarun.optim import make_optimizer
+from metarun.train import check_config
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*_omniglot_*.yaml")
+                 if p.stem.split("_")[0] in ("protonet", "matchingnet", "relationnet"))
+# 14x14 images need 3 Conv-4 blocks (14 -> 7 -> 3 -> 1); a 4th pool would leave a 0-d embedding.
+TINY = ["debug=smoke", "dataset=synthetic", "dataset.image_size=14", "dataset.classes=[12,6,6]", "learner.blocks=3",
+        "learner.conv_impl=xla",
+        "train.progress=false"]
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from metarun.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def episode(ways, shots, queries, size, seed=0):
+    """Random images; support labels shuffled (not grouped by class) so class bookkeeping is tested."""
+    rng = np.random.default_rng(seed)
+    ys = rng.permutation(np.repeat(np.arange(ways), shots)).astype(np.int32)
+    yq = np.repeat(np.arange(ways), queries).astype(np.int32)
+    x = lambda n: jnp.asarray(rng.random((n, size, size, 1)), jnp.float32)  # noqa: E731
+    return Task(Examples(x(len(ys)), jnp.asarray(ys)), Examples(x(len(yq)), jnp.asarray(yq)))
+
+
+def logits_objective(logits, labels):
+    """Hands the algorithm's logits back as a metric."""
+    return jnp.zeros(()), {"logits": logits}
+
+
+def run_episode(algo, params, task):
+    """The metrics of one episode, as core.task_loss computes them."""
+    return algo.loss(params, algo.adapt(params, task.support, None), task.query, None)[1]
+
+
+def test_protonet_logits_are_minus_squared_distances_to_support_means():
+    ways, shots = 3, 2
+    task = episode(ways, shots, 4, 14)
+    embedding = Conv4(out_dim=None, filters=8, blocks=3)
+    algo = protonet(embedding, logits_objective, ways)
+    params = jax.jit(algo.init)(jax.random.PRNGKey(0), task)
+    logits, zs, zq = jax.jit(lambda p: (run_episode(algo, p, task)["logits"],
+                                        embedding.apply({"params": p}, task.support.x),
+                                        embedding.apply({"params": p}, task.query.x)))(params)
+    zs, zq = np.asarray(zs, np.float64), np.asarray(zq, np.float64)
+    ys = np.asarray(task.support.y)
+    protos = np.stack([zs[ys == c].mean(0) for c in range(ways)])
+    expected = -((zq[:, None, :] - protos[None]) ** 2).sum(-1)
+    assert zs.shape[1] == 8  # 3 pools: 14 -> 7 -> 3 -> 1, so 1x1x8 (a 4th would leave nothing)
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_matchingnet_attention_rows_sum_to_one_and_predict_weighted_one_hot_labels():
+    ways, shots = 3, 2
+    task = episode(ways, shots, 4, 14, seed=1)
+    embedding = Conv4(out_dim=None, filters=8, blocks=3)
+    algo = matchingnet(embedding, logits_objective, ways)
+    params = jax.jit(algo.init)(jax.random.PRNGKey(1), task)
+    logits, zs, zq = jax.jit(lambda p: (run_episode(algo, p, task)["logits"],
+                                        embedding.apply({"params": p["embed"]}, task.support.x),
+                                        embedding.apply({"params": p["embed"]}, task.query.x)))(params)
+    zs, zq = np.asarray(zs, np.float64), np.asarray(zq, np.float64)
+    cos = (zq / np.linalg.norm(zq, axis=1, keepdims=True)) @ (zs / np.linalg.norm(zs, axis=1, keepdims=True)).T
+    attention = np.exp(cos) / np.exp(cos).sum(1, keepdims=True)
+    got = np.asarray(cosine_attention(jnp.asarray(zq, jnp.float32), jnp.asarray(zs, jnp.float32)))
+    np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(got, attention, rtol=1e-5, atol=1e-6)
+    probs = attention @ np.eye(ways)[np.asarray(task.support.y)]
+    np.testing.assert_allclose(np.exp(np.asarray(logits)), probs, rtol=1e-4, atol=1e-6)
+
+
+def test_matchingnet_fce_gives_a_distribution_and_trains_its_lstms():
+    ways, shots = 3, 2
+    task = episode(ways, shots, 3, 14, seed=2)
+    algo = matchingnet(Conv4(out_dim=None, filters=8, blocks=3), logits_objective, ways, fce=True, fce_steps=2)
+    params = jax.jit(algo.init)(jax.random.PRNGKey(2), task)
+    assert {"embed", "fce_g", "fce_f"} <= set(params)
+
+    def nll(p):
+        logits = run_episode(algo, p, task)["logits"]
+        return -jnp.take_along_axis(logits, task.query.y[:, None], 1).mean(), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(nll, has_aux=True))(params)
+    np.testing.assert_allclose(np.exp(np.asarray(logits)).sum(1), 1.0, rtol=1e-5)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert float(jnp.abs(g).max()) > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
+
+
+def test_relationnet_sums_class_maps_scores_in_unit_interval_and_loss_is_mse_to_one_hot():
+    ways, shots = 3, 2
+    task = episode(ways, shots, 2, 28, seed=3)
+    embedding = RelationEmbedding(filters=8)
+    relation = RelationModule(filters=8, hidden=8)
+    algo = relationnet(embedding, relation, ways)
+    params = jax.jit(algo.init)(jax.random.PRNGKey(3), task)
+
+    @jax.jit
+    def forward(p):
+        classes = algo.adapt(p, task.support, None)
+        return (classes, *algo.loss(p, classes, task.query, None),
+                relation_scores(embedding, relation, p, classes, task.query.x),
+                embedding.apply({"params": p["embed"]}, task.support.x))
+
+    classes, loss, metrics, scores, maps = jax.device_get(forward(params))
+    assert maps.shape == (ways * shots, 5, 5, 8)  # the paper's 5x5 maps on 28x28 Omniglot
+    ys = np.asarray(task.support.y)
+    np.testing.assert_allclose(np.asarray(classes), np.stack([maps[ys == c].sum(0) for c in range(ways)]),
+                               rtol=1e-5, atol=1e-5)
+    assert scores.shape == (len(task.query.y), ways)
+    assert np.all((scores > 0) & (scores < 1))
+    one_hot = np.eye(ways)[np.asarray(task.query.y)]
+    np.testing.assert_allclose(float(loss), ((scores - one_hot) ** 2).mean(), rtol=1e-5)
+    assert float(metrics["loss"]) == float(loss)
+    assert float(metrics["accuracy"]) == pytest.approx((scores.argmax(1) == np.asarray(task.query.y)).mean())
+
+
+# ProtoNet's turn through the trainer is the CLI test below (10-way training, 5-way test); FCE's
+# gradients are checked above (a trainer run of its own would double this file's compile time for it).
+@pytest.mark.parametrize("overrides", [["algo=matchingnet"], ["algo=relationnet"]], ids=["matchingnet", "relationnet"])
+def test_trains_through_the_trainer_with_finite_loss_and_moving_params(overrides):
+    cfg = compose(TINY + overrides)
+    source = load_task_source(cfg.dataset, cfg.seed)
+    sampler = source.sampler("train", episode_shapes(cfg.task)["train"])
+    algo = build_algo(cfg, source.kind, "train")
+    optimizer = make_optimizer(cfg.meta_opt, 3)
+    state = init_state(algo, optimizer, sampler, source.data["train"], cfg.seed)
+    before = jax.tree.map(np.array, state.params)
+    state, metrics = make_train_chunk(algo, optimizer, sampler, 2, 3)(state, source.data["train"])
+    assert int(state.step) == 3
+    assert np.all(np.isfinite(np.asarray(metrics["loss"])))
+    assert np.all((np.asarray(metrics["accuracy"]) >= 0) & (np.asarray(metrics["accuracy"]) <= 1))
+    moved = [not np.allclose(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params))]
+    assert all(moved), "every parameter should get a gradient"
+
+
+def test_protonet_trains_10_way_and_tests_5_way_end_to_end(tmp_path):
+    from metarun.checkpoint import Checkpoints
+    from metarun.cli import run
+
+    cfg = compose(TINY + ["algo=protonet", "task.ways=10", "task.test_ways=5", "train.steps=10",
+                          "train.val_every=0", "train.ckpt_every=10", "eval.episodes=10"])
+    for phase, ways in (("train", 10), ("eval", 5)):
+        task = episode(ways, 1, 1, 14)
+        algo = build_algo(cfg, "classification", phase)
+        params = algo.init(jax.random.PRNGKey(0), task)
+        assert algo.adapt(params, task.support, None).shape[0] == ways  # one prototype per class of the phase
+    run(cfg, tmp_path)
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (results["algo"], results["ways"], results["metric"]) == ("protonet", 5, "accuracy")
+    assert 0.0 <= results["mean"] <= 1.0 and results["inner_steps"] is None
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    source = load_task_source(cfg.dataset, cfg.seed)
+    algo = build_algo(cfg, source.kind, "train")
+    start = init_state(algo, make_optimizer(cfg.meta_opt, cfg.train.steps),
+                       source.sampler("train", episode_shapes(cfg.task)["train"]), source.data["train"], cfg.seed)
+    ckpts = Checkpoints(tmp_path / "checkpoints", cfg.train.keep_ckpts)
+    trained = ckpts.restore_latest(start)
+    ckpts.close()
+    assert int(trained.step) == 10
+    assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(trained.params)))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_metric_preset_composes_and_builds(preset):
+    cfg = compose([f"experiment={preset}"])
+    check_config(cfg)
+    algo, shape = preset.split("_")[0], preset.split("_")[-1]
+    ways, shots = (int(v) for v in shape[:-1].split("w"))
+    assert (cfg.algo.name, cfg.dataset.name, cfg.train.meta_batch) == (algo, "omniglot", 1)
+    test = episode_shapes(cfg.task)["test"]
+    assert (test.ways, test.shots) == (ways, shots)
+    assert cfg.task.ways == (60 if algo == "protonet" else ways)
+    assert cfg.task.shots + cfg.task.queries <= 20 and test.shots + test.queries <= 20  # Omniglot's drawers
+    for phase in ("train", "eval"):
+        build_algo(cfg, "classification", phase)
+
+
+def test_all_twelve_presets_exist():
+    assert len(PRESETS) == 12
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["algo=protonet", "dataset=sinusoid", "task=regression", "learner=mlp"], "classification"),
+    (["algo=relationnet", "dataset=synthetic", "learner=mlp"], "learner=conv4"),
+    (["algo=relationnet", "dataset=synthetic", "algo.class_feature=max"], "class_feature"),
+])
+def test_misuse_fails_with_a_user_error(overrides, message):
+    cfg = compose(overrides)
+    with pytest.raises(UserError, match=message):
+        build_algo(cfg, cfg.dataset.kind, "train")
