@@ -108,3 +108,18 @@ def test_submitit_local_launcher(tmp_path, env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((sweep / "0" / "results.json").read_text())["steps"] == 2
     assert list((sweep / ".submitit").glob("*/*_log.out")), "submitit should keep its job logs"
+
+
+def test_optuna_preset_composes():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from hydra import compose, initialize_config_dir
+    from metarun.cli import CONF_DIR
+    from metarun.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+hparams_search=maml_optuna"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert set(sweeper.params) == {"algo.inner_lr", "meta_opt.lr", "algo.inner_steps"}
+    assert sweeper.params["meta_opt.lr"].startswith("tag(log")
