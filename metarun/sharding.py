@@ -22,10 +22,13 @@ def task_mesh(meta_batch: int, devices: Optional[Sequence[jax.Device]] = None) -
     if n <= 1:
         return None
     if meta_batch % n:
+        platform = devices[0].platform
+        fewer = {"gpu": "CUDA_VISIBLE_DEVICES=0 for one GPU", "cuda": "CUDA_VISIBLE_DEVICES=0 for one GPU",
+                 "cpu": "XLA_FLAGS without --xla_force_host_platform_device_count"}.get(platform, "")
         raise UserError(
-            f"train.meta_batch={meta_batch} does not split over the {n} {devices[0].platform} devices: "
-            f"use a multiple of {n} (e.g. train.meta_batch={n * max(1, round(meta_batch / n))}), "
-            f"or show fewer devices (CUDA_VISIBLE_DEVICES=0 for one GPU)")
+            f"train.meta_batch={meta_batch} does not split over the {n} {platform} devices: "
+            f"use a multiple of {n} (e.g. train.meta_batch={n * max(1, round(meta_batch / n))})"
+            + (f", or show fewer devices ({fewer})" if fewer else ""))
     return Mesh(np.asarray(devices), (TASK_AXIS,))
 
 
