@@ -83,7 +83,7 @@ def test_optuna_trials_in_parallel_with_joblib(tmp_path, env):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "optuna"
-    proc = metarun(["-m", "+hparams_search=maml_optuna", *TINY, "algo.inner_steps=1",
+    proc = metarun(["-m", "hparams_search=maml_optuna", *TINY, "algo.inner_steps=1",
                     "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
                     "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                     "+hydra.job.env_set.XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'",
@@ -118,7 +118,7 @@ def test_optuna_preset_composes():
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["+hparams_search=maml_optuna"], return_hydra_config=True)
+        cfg = compose("config", overrides=["hparams_search=maml_optuna"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert set(sweeper.params) == {"algo.inner_lr", "meta_opt.lr", "algo.inner_steps"}
