@@ -1,0 +1,105 @@
+"""Run a chosen set of experiment presets (or collect finished runs) and write docs/results.md.
+
+  python scripts/results_table.py --run maml_omniglot_5w1s protonet_omniglot_5w1s \
+      --override train.steps=2000 --override dataset.local_dir=../shared/data/omniglot
+  python scripts/results_table.py --collect outputs/results      # tabulate finished run dirs
+
+Each row is read from a run's results.json and .hydra/config.yaml: ours (mean ± 95% CI over
+the evaluation episodes) beside the paper's figure, with split, seed, steps, wall time, machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Omniglot accuracy (%) reported by each paper: (5w1s, 5w5s, 20w1s, 20w5s).
+PAPER = {
+    "maml": (98.7, 99.9, 95.8, 98.9), "fomaml": (98.3, 99.2, 89.4, 97.9),
+    "reptile": (95.39, 98.90, 88.14, 96.65), "metasgd": (99.53, 99.93, 95.93, 98.97),
+    "protonet": (98.8, 99.7, 96.0, 98.9), "matchingnet": (98.1, 98.9, 93.8, 98.5),
+    "relationnet": (99.6, 99.8, 97.6, 99.1), "mamlpp": (99.47, 99.93, 97.65, 99.33),
+}
+SETTINGS = {(5, 1): 0, (5, 5): 1, (20, 1): 2, (20, 5): 3}
+
+
+def run_presets(presets, overrides, out_root: Path) -> list[Path]:
+    dirs = []
+    for preset in presets:
+        run_dir = out_root / preset
+        cmd = [sys.executable, "-m", "metarun", f"experiment={preset}", f"hydra.run.dir={run_dir}",
+               "train.progress=false", *overrides]
+        print("+", " ".join(cmd[2:]), flush=True)
+        proc = subprocess.run(cmd, cwd=REPO)
+        if proc.returncode != 0:
+            print(f"  {preset} failed (exit {proc.returncode}); its row is left out", file=sys.stderr)
+            continue
+        dirs.append(run_dir)
+    return dirs
+
+
+def find_runs(roots) -> list[Path]:
+    """Run dirs under `roots` with a classification result (this table is the Omniglot one)."""
+    return sorted({p.parent for root in roots for p in Path(root).rglob("results.json")
+                   if (p.parent / ".hydra" / "config.yaml").exists()
+                   and json.loads(p.read_text()).get("metric") == "accuracy"})
+
+
+def row(run_dir: Path) -> dict:
+    results = json.loads((run_dir / "results.json").read_text())
+    cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    preset = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), None)
+    algo = "mamlpp" if preset and preset.startswith("mamlpp") else results["algo"]
+    ways, shots = results["ways"], results["shots"]
+    paper = PAPER.get(algo, (None,) * 4)[SETTINGS[(ways, shots)]] if (ways, shots) in SETTINGS else None
+    ours = results["mean"] * 100 if results["mean"] is not None else None
+    return {
+        "run": preset or run_dir.name, "algo": algo, "setting": f"{ways}-way {shots}-shot",
+        "ours": ours, "ci": results["ci95"] * 100 if results["ci95"] is not None else None,
+        "paper": paper, "episodes": results["episodes"], "split": results.get("class_split"),
+        "seed": results["seed"], "steps": results.get("steps"), "meta_batch": cfg["train"]["meta_batch"],
+        "wall": results.get("train_wall_s"), "machine": f"{results.get('backend')}:{results.get('device')}",
+        "overrides": " ".join(o for o in overrides if not o.startswith(("experiment=", "hydra.", "dataset.local_dir",
+                                                                         "train.progress"))),
+    }
+
+
+def markdown(rows) -> str:
+    lines = ["| run | setting | ours (%) | paper (%) | ours − paper | episodes | split | seed | steps | "
+             "meta-batch | train wall | machine | overrides |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ours = f"{r['ours']:.2f} ± {r['ci']:.2f}" if r["ours"] is not None else "diverged"
+        diff = f"{r['ours'] - r['paper']:+.2f}" if r["ours"] is not None and r["paper"] is not None else ""
+        wall = f"{r['wall'] / 60:.1f} min" if r["wall"] else ""
+        lines.append(f"| {r['run']} | {r['setting']} | {ours} | {r['paper'] or ''} | {diff} | {r['episodes']} | "
+                     f"{r['split']} | {r['seed']} | {r['steps']} | {r['meta_batch']} | {wall} | {r['machine']} | "
+                     f"`{r['overrides']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", nargs="*", default=[], help="experiment presets to run (conf/experiment/)")
+    p.add_argument("--override", action="append", default=[], help="a Hydra override for every run")
+    p.add_argument("--out-root", default=str(REPO / "outputs" / "results"))
+    p.add_argument("--collect", nargs="*", default=[], help="run or multirun dirs to tabulate")
+    p.add_argument("--table", default=None, help="write the table here (default: print only)")
+    a = p.parse_args(argv)
+    dirs = run_presets(a.run, a.override, Path(a.out_root)) if a.run else []
+    dirs += find_runs(a.collect)
+    table = markdown([row(d) for d in dirs])
+    print(table)
+    if a.table:
+        Path(a.table).write_text(table)
+
+
+if __name__ == "__main__":
+    main()
