@@ -20,6 +20,12 @@ class BatchNormMode(enum.Enum):
     none = "none"
 
 
+class TaskBatching(enum.Enum):
+    auto = "auto"      # map on CPU, vmap on accelerators (see metarun.core.resolve_task_batching)
+    vmap = "vmap"      # the whole meta-batch in one vmapped pass
+    map = "map"        # lax.map over tasks, train.task_chunk tasks vmapped per iteration
+
+
 class ConvImpl(enum.Enum):
     auto = "auto"      # im2col on CPU, XLA's convolution on accelerators
     xla = "xla"
@@ -170,6 +176,8 @@ class TrainConfig:
     steps: int = 60000
     meta_batch: int = 32
     steps_per_call: int = 50   # meta-steps fused into one host call with lax.scan
+    task_batching: TaskBatching = TaskBatching.auto  # how the meta-batch's tasks are batched
+    task_chunk: int = 1        # tasks vmapped per lax.map iteration when task_batching=map
     log_every: int = 100
     val_every: int = 1000
     val_episodes: int = 200

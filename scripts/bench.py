@@ -1,0 +1,215 @@
+"""Time metarun's MAML meta-step on the peer's workload, and the torch peer beside it.
+
+The step is built the way `metarun` trains: Hydra composes the config (dataset=synthetic),
+`build_algo` + `make_optimizer` + `make_train_chunk`, episodes sampled on the device inside
+the jitted step. Defaults are the peer's workload (../shared/peer/maml_torch.py): 5-way
+1-shot, 15 queries, meta-batch 32, Conv-4 with 64 filters on 28x28x1, 1 inner step, second
+order, Adam outer step.
+
+  python scripts/bench.py                       # metarun, then the torch peer; one JSON line
+  python scripts/bench.py --inner-steps 5 --no-peer
+  python scripts/bench.py --override algo.remat=true --json
+
+Prints one JSON line: ms per meta-step (median over --iters calls, divided by
+--steps-per-call), compile seconds (AOT lower+compile), peak memory, backend, and, when torch
+imports, the peer's ms and the ratio peer_ms / metarun_ms (> 1: metarun is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--inner-steps", type=int, default=1)
+    p.add_argument("--meta-batch", type=int, default=32)
+    p.add_argument("--ways", type=int, default=5)
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--queries", type=int, default=15)
+    p.add_argument("--hidden", type=int, default=64, help="Conv-4 filters")
+    p.add_argument("--size", type=int, default=28, help="image side")
+    p.add_argument("--first-order", action="store_true")
+    p.add_argument("--iters", type=int, default=20, help="timed calls (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls after the first")
+    p.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "im2col"])
+    p.add_argument("--steps-per-call", type=int, default=1, help="meta-steps per jitted call (lax.scan)")
+    p.add_argument("--task-batching", default=None, choices=["auto", "vmap", "map"],
+                   help="how the meta-batch is batched (train.task_batching; default: the config's, auto)")
+    p.add_argument("--task-chunk", type=int, default=None, help="tasks per lax.map iteration (train.task_chunk)")
+    p.add_argument("--compile-cache", default=os.environ.get("JAX_COMPILATION_CACHE_DIR"),
+                   help="persistent compilation cache dir (jax_compilation_cache_dir); a second run compiles fast")
+    p.add_argument("--xla-flags", default=None, help="appended to XLA_FLAGS before jax starts")
+    p.add_argument("--override", action="append", default=[],
+                   help="extra Hydra override, e.g. algo.remat=true (repeatable)")
+    p.add_argument("--no-peer", action="store_true", help="skip the torch peer")
+    p.add_argument("--peer-path", default=os.environ.get("METARUN_PEER",
+                                                         str(REPO.parent / "shared" / "peer" / "maml_torch.py")))
+    p.add_argument("--peer-mode", default="loop", choices=["loop", "func"])
+    p.add_argument("--peer-iters", type=int, default=None, help="peer timed steps (default: --iters)")
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    return p.parse_args(argv)
+
+
+def compose(a):
+    """The training config for this workload, composed by Hydra from conf/ as `metarun` does."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from metarun.cli import CONF_DIR
+    from metarun.config import register_configs
+
+    register_configs()
+    overrides = [
+        "dataset=synthetic", f"dataset.image_size={a.size}",
+        "algo=" + ("fomaml" if a.first_order else "maml"), f"algo.inner_steps={a.inner_steps}",
+        f"task.ways={a.ways}", f"task.shots={a.shots}", f"task.queries={a.queries}",
+        f"dataset.examples_per_class={max(20, a.shots + a.queries)}",
+        f"dataset.classes=[{max(64, a.ways)},16,16]",
+        f"learner.filters={a.hidden}", f"learner.conv_impl={a.conv_impl}",
+        f"train.meta_batch={a.meta_batch}", f"train.steps_per_call={a.steps_per_call}",
+        "meta_opt=adam",
+        *([f"train.task_batching={a.task_batching}"] if a.task_batching else []),
+        *([f"train.task_chunk={a.task_chunk}"] if a.task_chunk else []),
+        *a.override,
+    ]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+def peak_memory():
+    import jax
+    stats = None
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        pass
+    if stats and "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20, "device peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process max RSS"
+
+
+def bench_metarun(a, log):
+    import jax
+
+    if a.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", str(Path(a.compile_cache).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+    from metarun.algos import build_algo
+    from metarun.core import init_state, make_train_chunk, resolve_task_batching
+    from metarun.data.sources import episode_shapes, load_task_source
+    from metarun.learners import resolve_conv_impl
+    from metarun.optim import make_optimizer
+
+    cfg = compose(a)
+    source = load_task_source(cfg.dataset, cfg.seed)
+    sampler = source.sampler("train", episode_shapes(cfg.task)["train"])
+    algo = build_algo(cfg, source.kind, "train")
+    optimizer = make_optimizer(cfg.meta_opt, cfg.train.steps)
+    data = source.data["train"]
+    state = init_state(algo, optimizer, sampler, data, cfg.seed)
+    batching = resolve_task_batching(cfg.train.get("task_batching", "auto"))
+    task_chunk = int(cfg.train.get("task_chunk", 1))
+    chunk = make_train_chunk(algo, optimizer, sampler, cfg.train.meta_batch, cfg.train.steps_per_call,
+                             task_batching=batching, task_chunk=task_chunk)
+
+    t0 = time.perf_counter()
+    lowered = chunk.lower(state, data)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    log(f"compiled in {compile_s:.1f} s")
+
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, data)
+    jax.block_until_ready(state)
+    first_s = time.perf_counter() - t0
+    for _ in range(a.warmup):
+        state, metrics = compiled(state, data)
+    jax.block_until_ready(state)
+    times = []
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    for i in range(a.iters):
+        t = time.perf_counter()
+        state, metrics = compiled(state, data)
+        jax.block_until_ready(state)
+        times.append((time.perf_counter() - t) * 1e3 / a.steps_per_call)
+        log(f"  call {i}: {times[-1]:.0f} ms/step")
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_ms = ((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)) * 1e3 / (a.iters * a.steps_per_call)
+    loss = float(metrics["loss"][-1])
+    peak_mb, peak_kind = peak_memory()
+    dev = jax.devices()[0]
+    return dict(
+        ms=round(statistics.median(times), 2), min_ms=round(min(times), 2), max_ms=round(max(times), 2),
+        cpu_ms=round(cpu_ms, 1), compile_s=round(compile_s, 2), first_call_s=round(first_s, 3), peak_mb=round(peak_mb, 1),
+        peak_kind=peak_kind, backend=jax.default_backend(), device=f"{dev.platform}:{dev.device_kind}",
+        jax=jax.__version__, conv_impl=resolve_conv_impl(cfg.learner.conv_impl), task_batching=batching,
+        task_chunk=task_chunk, xla_flags=os.environ.get("XLA_FLAGS", ""), compile_cache=a.compile_cache,
+        final_loss=round(loss, 4),
+        overrides=list(a.override))
+
+
+def bench_peer(a, log):
+    """Runs the torch peer on the same workload in a subprocess; None when torch or the file is missing."""
+    try:
+        import importlib.util
+        if importlib.util.find_spec("torch") is None:
+            log("torch is not importable: skipping the peer")
+            return None
+    except Exception:  # noqa: BLE001
+        return None
+    path = Path(a.peer_path)
+    if not path.exists():
+        log(f"peer not found at {path}: skipping it (set --peer-path or METARUN_PEER)")
+        return None
+    cmd = [sys.executable, str(path), "--mode", a.peer_mode, "--inner-steps", str(a.inner_steps),
+           "--meta-batch", str(a.meta_batch), "--ways", str(a.ways), "--shots", str(a.shots),
+           "--queries", str(a.queries), "--hidden", str(a.hidden), "--size", str(a.size),
+           "--iters", str(a.peer_iters or a.iters), "--warmup", str(a.warmup), "--json"]
+    if a.first_order:
+        cmd.append("--first-order")
+    log("peer: " + " ".join(cmd))
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    m = re.search(r"^RESULT (\{.*\})$", out.stdout, re.M)
+    if out.returncode or not m:
+        log(f"peer failed ({out.returncode}): {out.stderr[-2000:]}")
+        return None
+    return json.loads(m.group(1))
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.xla_flags:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + a.xla_flags).strip()
+    log = (lambda *_: None) if a.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = dict(
+        workload=dict(ways=a.ways, shots=a.shots, queries=a.queries, meta_batch=a.meta_batch,
+                      inner_steps=a.inner_steps, hidden=a.hidden, size=a.size,
+                      order="first" if a.first_order else "second", steps_per_call=a.steps_per_call),
+        host=dict(nproc=os.cpu_count(), machine=platform.machine(), load1=round(os.getloadavg()[0], 2)))
+    result["metarun"] = bench_metarun(a, log)
+    if not a.no_peer:
+        peer = bench_peer(a, log)
+        if peer:
+            result["peer"] = peer
+            result["ratio_peer_over_metarun"] = round(peer["median_ms"] / result["metarun"]["ms"], 3)
+    result["host"]["load1_end"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
