@@ -59,7 +59,59 @@ def parse_args(argv=None):
     p.add_argument("--peer-mode", default="loop", choices=["loop", "func"])
     p.add_argument("--peer-iters", type=int, default=None, help="peer timed steps (default: --iters)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.add_argument("--sweep", action="append", default=[], metavar="FLAG=V1,V2",
+                   help="cost growth: rerun this script (fresh process per point) over meta-batch or "
+                        "inner-steps values, e.g. --sweep meta-batch=1,2,4,8; prints one JSON line per point")
+    p.add_argument("--plot", default=None, help="with --sweep: write ms per meta-step vs the swept values (PNG)")
     return p.parse_args(argv)
+
+
+def sweep(a, argv):
+    """One fresh process per point (clean peak RSS); returns {flag: [result, ...]}."""
+    base, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+            continue
+        if tok in ("--sweep", "--plot", "--json"):
+            skip = tok != "--json"
+            continue
+        if tok.startswith(("--sweep=", "--plot=")):
+            continue
+        base.append(tok)
+    curves = {}
+    for spec in a.sweep:
+        flag, values = spec.split("=", 1)
+        for v in values.split(","):
+            cmd = [sys.executable, __file__, *base, f"--{flag}", v, "--json"]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            row = json.loads(out)
+            row["swept"] = {flag: int(v)}
+            print(json.dumps(row), flush=True)
+            curves.setdefault(flag, []).append(row)
+    return curves
+
+
+def plot(curves, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2), dpi=80, squeeze=False)
+    for ax, (flag, rows) in zip(axes[0], curves.items()):
+        xs = [r["swept"][flag] for r in rows]
+        ax.plot(xs, [r["metarun"]["ms"] for r in rows], "o-", label="metarun (JAX)")
+        peer = [(x, r["peer"]["median_ms"]) for x, r in zip(xs, rows) if "peer" in r]
+        if peer:
+            ax.plot(*zip(*peer), "s--", label="torch loop (peer)")
+        ax.set_xlabel(flag)
+        ax.set_ylabel("ms per meta-step")
+        ax.set_xscale("log", base=2) if flag == "meta-batch" else None
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"second-order MAML, Conv-4/64, 5-way 1-shot 15q, {rows[0]['metarun']['backend']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def compose(a):
@@ -192,7 +244,13 @@ def bench_peer(a, log):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
+    if a.sweep:
+        curves = sweep(a, argv)
+        if a.plot:
+            plot(curves, a.plot)
+        return
     if a.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + a.xla_flags).strip()
     log = (lambda *_: None) if a.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
