@@ -109,7 +109,8 @@ def run(cfg, run_dir: Path) -> Optional[float]:
     chunk = chunk_size(cfg)
     compile_start = time.perf_counter()
     train_chunk = make_train_chunk(algo, optimizer, train_sampler, cfg.train.meta_batch, chunk,
-                                   shard_tasks=sharding.task_constraint(mesh))
+                                   shard_tasks=sharding.task_constraint(mesh),
+                                   task_batching=cfg.train.task_batching, task_chunk=cfg.train.task_chunk)
     train_chunk = train_chunk.lower(state, train_data).compile()
     compile_s = time.perf_counter() - compile_start
     log.info("compiled %d meta-steps per call in %.1f s", chunk, compile_s)
