@@ -89,7 +89,9 @@ class MAMLConfig:
     eval_inner_steps: int = 3
     first_order: bool = False
     # MAML++ (Antoniou et al. 2019) options; all off = plain MAML.
-    msl: bool = False                        # multi-step loss, fixed weights (no annealing: needs the step)
+    msl: bool = False                        # multi-step loss over the inner steps
+    msl_anneal_steps: int = 0                # >0: anneal MSL weights to the last step over these meta-steps
+    first_order_steps: int = 0               # first-order for the first N meta-steps, then second order
     msl_last_weight: Optional[float] = None  # None: uniform over steps; else the last step's weight
     lslr: bool = False                       # learned per-layer per-step inner learning rates
     per_step_bn: bool = False                # per-step BatchNorm scale/bias (BNWB)

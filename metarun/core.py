@@ -90,7 +90,8 @@ def make_train_chunk(algo: MetaAlgorithm, optimizer: optax.GradientTransformatio
         tasks = sample_batch(sampler, data, task_key, meta_batch)
         if shard_tasks is not None:
             tasks = shard_tasks(tasks)
-        grads, metrics = meta_gradient(algo, state.params, tasks, algo_key, batching, task_chunk)
+        step_algo = algo.at_step(state.step) if algo.at_step is not None else algo
+        grads, metrics = meta_gradient(step_algo, state.params, tasks, algo_key, batching, task_chunk)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, opt_state, state.key), metrics

@@ -197,6 +197,35 @@ def test_mamlpp_multi_step_loss_is_the_weighted_query_loss_after_each_step():
         assert float(metrics["loss"]) == pytest.approx(per_step[-1], rel=1e-5)
 
 
+def test_mamlpp_msl_weights_anneal_from_uniform_to_the_last_step():
+    from metarun.algos.maml import msl_weights
+    np.testing.assert_allclose(msl_weights(4, 0, 100), [0.25] * 4, rtol=1e-6)
+    mid = np.asarray(msl_weights(4, 50, 100))
+    np.testing.assert_allclose(mid, [0.125, 0.125, 0.125, 0.625], rtol=1e-6)
+    end = np.asarray(msl_weights(4, 500, 100))
+    np.testing.assert_allclose(end, [0.0075, 0.0075, 0.0075, 1 - 3 * 0.0075], rtol=1e-6)
+    assert mid.sum() == pytest.approx(1.0) and end.sum() == pytest.approx(1.0)
+
+
+def test_mamlpp_at_step_anneals_msl_and_switches_first_to_second_order():
+    learner = _mlp()
+    task = make_sinusoid_sampler(5, 7)({}, jax.random.PRNGKey(3))
+    params = {"net": maml(learner, regression_objective, 0.05, 1).init(KEY, task)}
+    annealed = mamlpp(learner, regression_objective, 0.05, 3, msl=True, msl_anneal_steps=100, first_order_steps=10)
+    assert annealed.at_step is not None
+    grad = lambda algo: _flat(task_grad(algo, params, task, KEY)[0])  # noqa: E731
+    fixed_first = mamlpp(learner, regression_objective, 0.05, 3, first_order=True, msl=True)
+    np.testing.assert_allclose(grad(annealed.at_step(jnp.int32(0))), grad(fixed_first), rtol=1e-5, atol=1e-7)
+    late = annealed.at_step(jnp.int32(1000))  # second order, weights at their floor but the last
+    late_loss = float(late.loss(params, late.adapt(params, task.support, None), task.query, None)[0])
+    fixed_late = mamlpp(learner, regression_objective, 0.05, 3, msl=True, msl_last_weight=1 - 2 * 0.01)
+    assert late_loss == pytest.approx(
+        float(fixed_late.loss(params, fixed_late.adapt(params, task.support, None), task.query, None)[0]), rel=1e-5)
+    second = mamlpp(learner, regression_objective, 0.05, 3, msl=True, msl_last_weight=1 - 2 * 0.01)
+    np.testing.assert_allclose(grad(late), grad(second), rtol=1e-5, atol=1e-7)
+    assert np.abs(grad(late) - grad(fixed_first)).max() > 1e-4  # first and second order do differ here
+
+
 def test_mamlpp_per_step_batch_norm_has_one_copy_per_step_and_each_is_learned():
     tasks = _image_tasks()
     algo = mamlpp(_conv4(), classification_objective, 0.2, 2, per_step_bn=True)

@@ -15,11 +15,14 @@ class MetaAlgorithm(NamedTuple):
     loss:      (meta_params, task_state, query, key) -> (loss, metrics)
     meta_grad: (meta_params, task, key) -> (grads, metrics) for one task; None means
                the gradient of loss(adapt(...)) with respect to meta_params.
+    at_step:   (meta_step) -> MetaAlgorithm for that training step (a traced int32), for
+               schedules inside the algorithm (MAML++'s annealing); None: the same at every step.
     """
     init: Callable
     adapt: Callable
     loss: Callable
     meta_grad: Optional[Callable] = None
+    at_step: Optional[Callable] = None
 
 
 def classification_objective(logits, labels):
