@@ -77,6 +77,7 @@ def write_results(run_dir: Path, cfg, evaluator: Evaluator, params, extra: dict)
     by_steps = evaluator(params)
     eval_wall = time.perf_counter() - start
     main = by_steps[evaluator.inner_steps]
+    shape = episode_shapes(cfg.task)["test"]
     results = {
         "metric": evaluator.metric, "mean": main["mean"], "ci95": main["ci95"], "std": main["std"],
         "median": main["median"], "nonfinite": main["nonfinite"],
@@ -85,18 +86,13 @@ def write_results(run_dir: Path, cfg, evaluator: Evaluator, params, extra: dict)
         "by_inner_steps": {str(k): v for k, v in by_steps.items() if k is not None},
         "algo": cfg.algo.name, "dataset": cfg.dataset.name,
         "class_split": cfg.dataset.get("split"),
-        "ways": evaluator_shape(cfg).ways, "shots": evaluator_shape(cfg).shots,
-        "queries": evaluator_shape(cfg).queries, "seed": cfg.seed,
+        "ways": shape.ways, "shots": shape.shots, "queries": shape.queries, "seed": cfg.seed,
         "eval_wall_s": round(eval_wall, 3), "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
         **extra,
     }
     atomic_write_json(Path(run_dir) / "results.json", results)
     return results
-
-
-def evaluator_shape(cfg):
-    return episode_shapes(cfg.task)["test"]
 
 
 def format_result(results: dict) -> str:

@@ -51,13 +51,6 @@ def mean_ci95(values: Iterable[float]) -> Dict[str, Optional[float]]:
     return {**out, "mean": float(v.mean()), "ci95": 1.96 * std / math.sqrt(n), "std": std}
 
 
-def to_python(tree):
-    """Device scalars -> plain floats for JSON."""
-    if isinstance(tree, dict):
-        return {k: to_python(v) for k, v in tree.items()}
-    return float(np.asarray(tree))
-
-
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step, each with `step`."""
 

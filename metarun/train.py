@@ -17,7 +17,7 @@ from metarun.core import init_state, make_train_chunk
 from metarun.data.sources import episode_shapes, load_task_source
 from metarun.errors import UserError
 from metarun.evaluate import Evaluator, format_result, score, write_results
-from metarun.metrics import MetricsLog, to_python
+from metarun.metrics import MetricsLog
 from metarun.optim import make_optimizer
 from metarun import sharding
 

@@ -138,3 +138,21 @@ def fake_omniglot_overrides(fake_omniglot_dir):
     """Overrides for a smoke run on the fake Omniglot (lake split: the fake has no Vinyals names)."""
     return ["debug=smoke", f"dataset.local_dir={fake_omniglot_dir}", "dataset.split=lake",
             "train.progress=false"]
+
+
+def initial_and_last_state(cfg, run_dir: Path):
+    """(the train state a run of `cfg` starts from, the newest state checkpointed in run_dir)."""
+    from metarun.algos import build_algo
+    from metarun.checkpoint import Checkpoints
+    from metarun.core import init_state
+    from metarun.data.sources import episode_shapes, load_task_source
+    from metarun.optim import make_optimizer
+
+    source = load_task_source(cfg.dataset, cfg.seed)
+    start = init_state(build_algo(cfg, source.kind, "train"), make_optimizer(cfg.meta_opt, cfg.train.steps),
+                       source.sampler("train", episode_shapes(cfg.task)["train"]), source.data["train"], cfg.seed)
+    ckpts = Checkpoints(Path(run_dir) / "checkpoints", cfg.train.keep_ckpts)
+    try:
+        return start, ckpts.restore_latest(start)
+    finally:
+        ckpts.close()

@@ -281,11 +281,8 @@ SMOKE = ["debug=smoke", "dataset=synthetic", "dataset.image_size=8", "dataset.cl
      "algo.per_step_bn=true"],
 ], ids=["reptile", "metasgd", "anil", "mamlpp"])
 def test_trains_through_the_real_trainer(algo, tmp_path):
-    from metarun.checkpoint import Checkpoints
+    from conftest import initial_and_last_state
     from metarun.cli import run
-    from metarun.core import init_state
-    from metarun.data.sources import episode_shapes, load_task_source
-    from metarun.optim import make_optimizer
 
     cfg = _compose(SMOKE + algo)
     run(cfg, tmp_path)
@@ -294,12 +291,6 @@ def test_trains_through_the_real_trainer(algo, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0.0 <= results["mean"] <= 1.0 and results["algo"] == cfg.algo.name
 
-    source = load_task_source(cfg.dataset, cfg.seed)
-    a = build_algo(cfg, source.kind, "train")
-    start = init_state(a, make_optimizer(cfg.meta_opt, cfg.train.steps),
-                       source.sampler("train", episode_shapes(cfg.task)["train"]), source.data["train"], cfg.seed)
-    ckpts = Checkpoints(tmp_path / "checkpoints", cfg.train.keep_ckpts)
-    final = ckpts.restore_latest(start)
-    ckpts.close()
+    start, final = initial_and_last_state(cfg, tmp_path)
     assert int(final.step) == 4
     assert np.abs(_flat(final.params) - _flat(start.params)).max() > 1e-6

@@ -161,7 +161,7 @@ def test_trains_through_the_trainer_with_finite_loss_and_moving_params(overrides
 
 
 def test_protonet_trains_10_way_and_tests_5_way_end_to_end(tmp_path):
-    from metarun.checkpoint import Checkpoints
+    from conftest import initial_and_last_state
     from metarun.cli import run
 
     cfg = compose(TINY + ["algo=protonet", "task.ways=10", "task.test_ways=5", "train.steps=10",
@@ -178,13 +178,7 @@ def test_protonet_trains_10_way_and_tests_5_way_end_to_end(tmp_path):
     assert 0.0 <= results["mean"] <= 1.0 and results["inner_steps"] is None
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
-    source = load_task_source(cfg.dataset, cfg.seed)
-    algo = build_algo(cfg, source.kind, "train")
-    start = init_state(algo, make_optimizer(cfg.meta_opt, cfg.train.steps),
-                       source.sampler("train", episode_shapes(cfg.task)["train"]), source.data["train"], cfg.seed)
-    ckpts = Checkpoints(tmp_path / "checkpoints", cfg.train.keep_ckpts)
-    trained = ckpts.restore_latest(start)
-    ckpts.close()
+    start, trained = initial_and_last_state(cfg, tmp_path)
     assert int(trained.step) == 10
     assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(trained.params)))
 
