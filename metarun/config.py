@@ -165,8 +165,10 @@ class TaskConfig:
 class MetaOptConfig:
     name: str = "adam"          # adam | adamw | sgd
     lr: float = 1e-3
-    schedule: str = "constant"  # constant | cosine | linear
+    schedule: str = "constant"  # constant | cosine | linear | step
     warmup_steps: int = 0
+    decay_every: int = 0        # schedule=step: multiply lr by decay_factor every this many meta-steps
+    decay_factor: float = 0.5
     end_lr_fraction: float = 0.0
     weight_decay: float = 0.0
     momentum: Optional[float] = None

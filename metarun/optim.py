@@ -15,8 +15,15 @@ def make_schedule(cfg, total_steps: int):
         main = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_fraction)
     elif cfg.schedule == "linear":
         main = optax.linear_schedule(cfg.lr, end, decay_steps)
+    elif cfg.schedule == "step":
+        # ProtoNets / Relation Nets: "halve the learning rate every N episodes" (a staircase).
+        if cfg.decay_every <= 0:
+            raise UserError(f"meta_opt.schedule=step needs meta_opt.decay_every > 0 (got {cfg.decay_every})")
+        if not 0.0 < cfg.decay_factor <= 1.0:
+            raise UserError(f"meta_opt.decay_factor must be in (0, 1] (got {cfg.decay_factor})")
+        main = optax.exponential_decay(cfg.lr, cfg.decay_every, cfg.decay_factor, staircase=True)
     else:
-        raise UserError(f"meta_opt.schedule={cfg.schedule} is unknown; expected constant, cosine or linear")
+        raise UserError(f"meta_opt.schedule={cfg.schedule} is unknown; expected constant, cosine, linear or step")
     if cfg.warmup_steps:
         return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), main],
                                     [cfg.warmup_steps])

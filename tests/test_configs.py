@@ -37,3 +37,21 @@ def test_default_is_maml_omniglot_5way_1shot_with_the_paper_settings():
 def test_misspelt_keys_and_wrong_types_fail_at_composition(override):
     with pytest.raises((ConfigCompositionException, ConfigKeyError)):
         compose([override])
+
+
+def test_step_schedule_multiplies_the_lr_by_the_factor_every_decay_every_steps():
+    from metarun.optim import make_schedule
+    lr = make_schedule(compose(["meta_opt.schedule=step", "meta_opt.decay_every=2000"]).meta_opt, 20000)
+    assert [float(lr(s)) for s in (0, 1999, 2000, 3999, 4000)] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["meta_opt.schedule=step"], r"meta_opt\.decay_every > 0"),
+    (["meta_opt.schedule=step", "meta_opt.decay_every=10", "meta_opt.decay_factor=2"], r"decay_factor must be in"),
+    (["meta_opt.schedule=halving"], r"schedule=halving is unknown.*step"),
+])
+def test_bad_schedule_settings_name_the_key(overrides, message):
+    from metarun.errors import UserError
+    from metarun.optim import make_schedule
+    with pytest.raises(UserError, match=message):
+        make_schedule(compose(overrides).meta_opt, 100)
