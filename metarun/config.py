@@ -140,6 +140,7 @@ class MatchingNetConfig:
     name: str = "matchingnet"
     fce: bool = False        # full context embeddings (bidirectional LSTM + attention LSTM)
     fce_steps: int = 5       # processing steps K of the attention LSTM (used only when fce)
+    distance: str = "cosine" # cosine (the paper) | l2 (negative squared Euclidean distance)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from metarun.algos import build_algo
-from metarun.algos.matching import cosine_attention, matchingnet
+from metarun.algos.matching import class_log_probs, cosine_attention, matchingnet
 from metarun.algos.protonet import protonet
 from metarun.algos.relation import relation_scores, relationnet
 from metarun.core import init_state, make_train_chunk
@@ -77,23 +77,38 @@ def test_protonet_logits_are_minus_squared_distances_to_support_means():
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_matchingnet_attention_rows_sum_to_one_and_predict_weighted_one_hot_labels():
+@pytest.mark.parametrize("distance", ["cosine", "l2"])
+def test_matchingnet_attention_rows_sum_to_one_and_predict_weighted_one_hot_labels(distance):
     ways, shots = 3, 2
     task = episode(ways, shots, 4, 14, seed=1)
     embedding = Conv4(out_dim=None, filters=8, blocks=3)
-    algo = matchingnet(embedding, logits_objective, ways)
+    algo = matchingnet(embedding, logits_objective, ways, distance=distance)
     params = jax.jit(algo.init)(jax.random.PRNGKey(1), task)
     logits, zs, zq = jax.jit(lambda p: (run_episode(algo, p, task)["logits"],
                                         embedding.apply({"params": p["embed"]}, task.support.x),
                                         embedding.apply({"params": p["embed"]}, task.query.x)))(params)
     zs, zq = np.asarray(zs, np.float64), np.asarray(zq, np.float64)
-    cos = (zq / np.linalg.norm(zq, axis=1, keepdims=True)) @ (zs / np.linalg.norm(zs, axis=1, keepdims=True)).T
-    attention = np.exp(cos) / np.exp(cos).sum(1, keepdims=True)
-    got = np.asarray(cosine_attention(jnp.asarray(zq, jnp.float32), jnp.asarray(zs, jnp.float32)))
-    np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(got, attention, rtol=1e-5, atol=1e-6)
+    if distance == "cosine":
+        similarity = (zq / np.linalg.norm(zq, axis=1, keepdims=True)) @ (zs / np.linalg.norm(zs, axis=1, keepdims=True)).T
+        got = np.asarray(cosine_attention(jnp.asarray(zq, jnp.float32), jnp.asarray(zs, jnp.float32)))
+        np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-6)
+    else:
+        similarity = -((zq[:, None, :] - zs[None]) ** 2).sum(-1)
+        similarity -= similarity.max(1, keepdims=True)
+    attention = np.exp(similarity) / np.exp(similarity).sum(1, keepdims=True)
+    if distance == "cosine":
+        np.testing.assert_allclose(got, attention, rtol=1e-5, atol=1e-6)
     probs = attention @ np.eye(ways)[np.asarray(task.support.y)]
-    np.testing.assert_allclose(np.exp(np.asarray(logits)), probs, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.exp(np.asarray(logits)).sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.exp(np.asarray(logits)), probs, rtol=1e-3, atol=1e-5)
+
+
+def test_matchingnet_class_log_probs_stay_finite_when_attention_is_sharp():
+    # l2 similarities of distant embeddings: a naive log(softmax @ one_hot) gives log 0 = -inf.
+    logits = jnp.array([[0.0, -1e4, -2e4]])
+    log_probs = class_log_probs(logits, jax.nn.one_hot(jnp.array([0, 1, 2]), 3))
+    assert np.isfinite(np.asarray(log_probs)).all()
+    np.testing.assert_allclose(np.asarray(log_probs), [[0.0, -1e4, -2e4]], atol=1e-3)
 
 
 def test_matchingnet_fce_gives_a_distribution_and_trains_its_lstms():
@@ -206,6 +221,7 @@ def test_all_twelve_presets_exist():
     (["algo=protonet", "dataset=sinusoid", "task=regression", "learner=mlp"], "classification"),
     (["algo=relationnet", "dataset=synthetic", "learner=mlp"], "learner=conv4"),
     (["algo=relationnet", "dataset=synthetic", "algo.class_feature=max"], "class_feature"),
+    (["algo=matchingnet", "dataset=synthetic", "algo.distance=manhattan"], r"algo\.distance=manhattan is unknown"),
 ])
 def test_misuse_fails_with_a_user_error(overrides, message):
     cfg = compose(overrides)
