@@ -108,10 +108,9 @@ def format_result(results: dict) -> str:
 def run(cfg, run_dir: Path) -> dict:
     """mode=eval: evaluate the run in `cfg.ckpt` with its own config and this run's eval settings."""
     from metarun.checkpoint import Checkpoints
-    from metarun.core import init_state
     from metarun.data.sources import load_task_source
     from metarun.errors import UserError
-    from metarun.optim import make_optimizer
+    from metarun.train import initial_state
 
     if not cfg.ckpt:
         raise UserError("mode=eval needs ckpt=RUN_DIR (a run directory holding .hydra/ and checkpoints/)")
@@ -125,10 +124,7 @@ def run(cfg, run_dir: Path) -> dict:
         if cfg.dataset.get("local_dir"):
             run_cfg.dataset.local_dir = cfg.dataset.local_dir
     source = load_task_source(run_cfg.dataset, run_cfg.seed)
-    shapes = episode_shapes(run_cfg.task)
-    algo = build_algo(run_cfg, source.kind, "train")
-    like = init_state(algo, make_optimizer(run_cfg.meta_opt, run_cfg.train.steps),
-                      source.sampler("train", shapes["train"]), source.data["train"], run_cfg.seed)
+    like = initial_state(run_cfg, source)[2]
     ckpts = Checkpoints(ckpt_dir / "checkpoints", keep=run_cfg.train.keep_ckpts)
     params, which = None, None
     if cfg.eval.use_best:

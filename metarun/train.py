@@ -66,6 +66,15 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
+def initial_state(cfg, source):
+    """(algo, optimizer, the train state a run of `cfg` starts from): also the restore target
+    that a run's checkpoints are read into (resume, mode=eval)."""
+    algo = build_algo(cfg, source.kind, "train")
+    optimizer = make_optimizer(cfg.meta_opt, cfg.train.steps)
+    sampler = source.sampler("train", episode_shapes(cfg.task)["train"])
+    return algo, optimizer, init_state(algo, optimizer, sampler, source.data["train"], cfg.seed)
+
+
 def run(cfg, run_dir: Path) -> Optional[float]:
     """Train per `cfg` into `run_dir`; returns the best validation score (the sweep objective)."""
     run_dir = Path(run_dir)
@@ -74,9 +83,7 @@ def run(cfg, run_dir: Path) -> Optional[float]:
     source = load_task_source(cfg.dataset, cfg.seed)
     shapes = episode_shapes(cfg.task)
     train_sampler = source.sampler("train", shapes["train"])
-    algo = build_algo(cfg, source.kind, "train")
-    optimizer = make_optimizer(cfg.meta_opt, cfg.train.steps)
-    state = init_state(algo, optimizer, train_sampler, source.data["train"], cfg.seed)
+    algo, optimizer, state = initial_state(cfg, source)
     evaluator = Evaluator(cfg, source, cfg.eval.split, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch,
                           list(cfg.eval.report_steps))
     validator = None

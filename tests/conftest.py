@@ -142,15 +142,11 @@ def fake_omniglot_overrides(fake_omniglot_dir):
 
 def initial_and_last_state(cfg, run_dir: Path):
     """(the train state a run of `cfg` starts from, the newest state checkpointed in run_dir)."""
-    from metarun.algos import build_algo
     from metarun.checkpoint import Checkpoints
-    from metarun.core import init_state
-    from metarun.data.sources import episode_shapes, load_task_source
-    from metarun.optim import make_optimizer
+    from metarun.data.sources import load_task_source
+    from metarun.train import initial_state
 
-    source = load_task_source(cfg.dataset, cfg.seed)
-    start = init_state(build_algo(cfg, source.kind, "train"), make_optimizer(cfg.meta_opt, cfg.train.steps),
-                       source.sampler("train", episode_shapes(cfg.task)["train"]), source.data["train"], cfg.seed)
+    start = initial_state(cfg, load_task_source(cfg.dataset, cfg.seed))[2]
     ckpts = Checkpoints(Path(run_dir) / "checkpoints", cfg.train.keep_ckpts)
     try:
         return start, ckpts.restore_latest(start)

@@ -1,7 +1,6 @@
 """MAML's defining equalities, on tiny shapes, each of which fails if the algorithm is wrong."""
 from __future__ import annotations
 
-from functools import partial
 
 import jax
 import jax.numpy as jnp
