@@ -5,7 +5,10 @@
   python scripts/results_table.py --collect outputs/results      # tabulate finished run dirs
 
 Each row is read from a run's results.json and .hydra/config.yaml: ours (mean ± 95% CI over
-the evaluation episodes) beside the paper's figure, with split, seed, steps, wall time, machine.
+the evaluation episodes) beside the paper's figure, with split, seed, steps, wall time, machine,
+and the last validation accuracies from metrics.jsonl (whether the run had stopped improving).
+With --table FILE, a file holding the markers below gets only the part between them replaced
+(the prose around the table is kept); any other file is overwritten with the table.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ PAPER = {
     "relationnet": (99.6, 99.8, 97.6, 99.1), "mamlpp": (99.47, 99.93, 97.65, 99.33),
 }
 SETTINGS = {(5, 1): 0, (5, 5): 1, (20, 1): 2, (20, 5): 3}
+BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
+VAL_TRAIL = 3  # validation points shown per row
 
 
 def run_presets(presets, overrides, out_root: Path) -> list[Path]:
@@ -51,6 +56,15 @@ def find_runs(roots) -> list[Path]:
                    and json.loads(p.read_text()).get("metric") == "accuracy"})
 
 
+def val_trail(run_dir: Path, n: int = VAL_TRAIL) -> str:
+    """The last n validation accuracies (%), oldest first, as 'acc (step)' items."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    points = [(r["step"], r["val/accuracy"]) for r in rows if r.get("val/accuracy") is not None][-n:]
+    return " → ".join(f"{acc * 100:.1f} ({step // 1000}k)" if step % 1000 == 0 else f"{acc * 100:.1f} ({step})"
+                      for step, acc in points)
+
+
 def row(run_dir: Path) -> dict:
     results = json.loads((run_dir / "results.json").read_text())
     cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
@@ -66,6 +80,7 @@ def row(run_dir: Path) -> dict:
         "paper": paper, "episodes": results["episodes"], "split": results.get("class_split"),
         "seed": results["seed"], "steps": results.get("steps"), "meta_batch": cfg["train"]["meta_batch"],
         "wall": results.get("train_wall_s"), "machine": f"{results.get('backend')}:{results.get('device')}",
+        "val": val_trail(run_dir),
         "overrides": " ".join(o for o in overrides if not o.startswith(("experiment=", "hydra.", "dataset.local_dir",
                                                                          "train.progress"))),
     }
@@ -73,16 +88,29 @@ def row(run_dir: Path) -> dict:
 
 def markdown(rows) -> str:
     lines = ["| run | setting | ours (%) | paper (%) | ours − paper | episodes | split | seed | steps | "
-             "meta-batch | train wall | machine | overrides |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "meta-batch | train wall | last validations (step) | machine | overrides |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ours = f"{r['ours']:.2f} ± {r['ci']:.2f}" if r["ours"] is not None else "diverged"
         diff = f"{r['ours'] - r['paper']:+.2f}" if r["ours"] is not None and r["paper"] is not None else ""
         wall = f"{r['wall'] / 60:.1f} min" if r["wall"] else ""
         lines.append(f"| {r['run']} | {r['setting']} | {ours} | {r['paper'] or ''} | {diff} | {r['episodes']} | "
-                     f"{r['split']} | {r['seed']} | {r['steps']} | {r['meta_batch']} | {wall} | {r['machine']} | "
+                     f"{r['split']} | {r['seed']} | {r['steps']} | {r['meta_batch']} | {wall} | {r['val']} | {r['machine']} | "
                      f"`{r['overrides']}` |")
     return "\n".join(lines) + "\n"
+
+
+def write_table(path: Path, table: str) -> None:
+    """Replace the table between BEGIN and END in `path` (keeping the prose), else write it whole."""
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text.split(BEGIN, 1)[1]:
+        head, rest = text.split(BEGIN, 1)
+        text = f"{head}{BEGIN}\n{table}{END}{rest.split(END, 1)[1]}"
+    else:
+        text = table
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main(argv=None):
@@ -98,7 +126,7 @@ def main(argv=None):
     table = markdown([row(d) for d in dirs])
     print(table)
     if a.table:
-        Path(a.table).write_text(table)
+        write_table(Path(a.table), table)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+"""scripts/results_table.py: a row per finished run beside the paper, written between markers."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import yaml
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "results_table.py"
+spec = importlib.util.spec_from_file_location("results_table", SCRIPT)
+results_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(results_table)
+
+
+def fake_run(run_dir: Path, mean=0.975, val=(0.95, 0.97, 0.972, 0.973)) -> Path:
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps({
+        "metric": "accuracy", "algo": "protonet", "ways": 5, "shots": 1, "mean": mean, "ci95": 0.0021,
+        "episodes": 1000, "class_split": "vinyals", "seed": 0, "steps": 4000, "train_wall_s": 600.0,
+        "backend": "cpu", "device": "cpu"}))
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"train": {"meta_batch": 1}}))
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+        ["experiment=protonet_omniglot_5w1s", "train.steps=4000", "dataset.local_dir=/data", "train.progress=false"]))
+    rows = [{"step": 1000 * (i + 1), "val/accuracy": v} for i, v in enumerate(val)]
+    rows.insert(1, {"step": 1500, "train/loss": 0.3})   # train-only rows are skipped
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def test_row_stands_beside_the_paper_with_the_last_validations(tmp_path):
+    r = results_table.row(fake_run(tmp_path / "run"))
+    assert (r["run"], r["setting"], r["paper"]) == ("protonet_omniglot_5w1s", "5-way 1-shot", 98.8)
+    assert r["overrides"] == "train.steps=4000"
+    assert r["val"] == "97.0 (2k) → 97.2 (3k) → 97.3 (4k)"
+    line = results_table.markdown([r]).splitlines()[2]
+    assert "| 97.50 ± 0.21 | 98.8 | -1.30 | 1000 | vinyals | 0 | 4000 | 1 | 10.0 min |" in line
+
+
+def test_write_table_replaces_only_the_marked_part(tmp_path):
+    doc = tmp_path / "results.md"
+    doc.write_text(f"# Title\nprose before\n{results_table.BEGIN}\nold table\n{results_table.END}\nprose after\n")
+    results_table.write_table(doc, "| new |\n")
+    assert doc.read_text() == (f"# Title\nprose before\n{results_table.BEGIN}\n| new |\n"
+                               f"{results_table.END}\nprose after\n")
+    bare = tmp_path / "bare.md"
+    results_table.write_table(bare, "| only |\n")
+    assert bare.read_text() == "| only |\n"
