@@ -56,11 +56,16 @@ def find_runs(roots) -> list[Path]:
                    and json.loads(p.read_text()).get("metric") == "accuracy"})
 
 
-def val_trail(run_dir: Path, n: int = VAL_TRAIL) -> str:
-    """The last n validation accuracies (%), oldest first, as 'acc (step)' items."""
+def val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, validation accuracy) pairs from the run's metrics.jsonl."""
     path = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    points = [(r["step"], r["val/accuracy"]) for r in rows if r.get("val/accuracy") is not None][-n:]
+    return [(r["step"], r["val/accuracy"]) for r in rows if r.get("val/accuracy") is not None]
+
+
+def val_trail(run_dir: Path, n: int = VAL_TRAIL) -> str:
+    """The last n validation accuracies (%), oldest first, as 'acc (step)' items."""
+    points = val_curve(run_dir)[-n:]
     return " → ".join(f"{acc * 100:.1f} ({step // 1000}k)" if step % 1000 == 0 else f"{acc * 100:.1f} ({step})"
                       for step, acc in points)
 
@@ -113,6 +118,25 @@ def write_table(path: Path, table: str) -> None:
     tmp.replace(path)
 
 
+def plot_curves(dirs, rows, path: Path) -> None:
+    """Validation accuracy against meta-steps, one line per run (did it plateau?)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=90)
+    for run_dir, r in zip(dirs, rows):
+        curve = val_curve(run_dir)
+        if curve:
+            steps, accs = zip(*curve)
+            ax.plot(steps, [100 * a for a in accs], "o-", ms=3, label=f"{r['algo']} {r['setting']} ({r['meta_batch']} task/step)")
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", nargs="*", default=[], help="experiment presets to run (conf/experiment/)")
@@ -120,13 +144,17 @@ def main(argv=None):
     p.add_argument("--out-root", default=str(REPO / "outputs" / "results"))
     p.add_argument("--collect", nargs="*", default=[], help="run or multirun dirs to tabulate")
     p.add_argument("--table", default=None, help="write the table here (default: print only)")
+    p.add_argument("--curves", default=None, help="also plot validation accuracy per run to this PNG")
     a = p.parse_args(argv)
     dirs = run_presets(a.run, a.override, Path(a.out_root)) if a.run else []
     dirs += find_runs(a.collect)
-    table = markdown([row(d) for d in dirs])
+    rows = [row(d) for d in dirs]
+    table = markdown(rows)
     print(table)
     if a.table:
         write_table(Path(a.table), table)
+    if a.curves:
+        plot_curves(dirs, rows, Path(a.curves))
 
 
 if __name__ == "__main__":

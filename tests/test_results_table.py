@@ -46,3 +46,9 @@ def test_write_table_replaces_only_the_marked_part(tmp_path):
     bare = tmp_path / "bare.md"
     results_table.write_table(bare, "| only |\n")
     assert bare.read_text() == "| only |\n"
+
+
+def test_curves_plot_is_written(tmp_path):
+    fake_run(tmp_path / "run")
+    results_table.main(["--collect", str(tmp_path), "--curves", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").stat().st_size > 1000
