@@ -41,6 +41,7 @@ def check_config(cfg) -> None:
                         f"(got learner={cfg.learner.name}); or take the recipe whole: experiment=maml_sinusoid")
     if not regression and cfg.learner.name == "mlp":
         raise UserError(f"learner=mlp is for regression; dataset={cfg.dataset.name} has images: use learner=conv4")
+    make_optimizer(cfg.meta_opt, t.steps)  # a bad meta_opt fails here, before any data is read
 
 
 def chunk_size(cfg) -> int:

@@ -55,3 +55,9 @@ def test_bad_schedule_settings_name_the_key(overrides, message):
     from metarun.optim import make_schedule
     with pytest.raises(UserError, match=message):
         make_schedule(compose(overrides).meta_opt, 100)
+
+
+def test_check_config_rejects_a_bad_schedule_before_any_data_is_read():
+    from metarun.errors import UserError
+    with pytest.raises(UserError, match=r"decay_every"):
+        check_config(compose(["meta_opt.schedule=step", "dataset.local_dir=/nonexistent"]))
