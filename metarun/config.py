@@ -200,6 +200,11 @@ class EvalConfig:
     split: str = "test"
     use_best: bool = True        # evaluate the best-on-validation checkpoint when there is one
     report_steps: List[int] = field(default_factory=list)  # extra test-time inner-step counts
+    # mode=eval only: test episode shape (default: the evaluated run's task.test_* / task.*), e.g.
+    # a ProtoNet trained on 60-way 1-shot episodes tested 20-way as well as 5-way.
+    ways: Optional[int] = None
+    shots: Optional[int] = None
+    queries: Optional[int] = None
 
 
 @dataclass

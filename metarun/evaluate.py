@@ -105,6 +105,9 @@ def format_result(results: dict) -> str:
             f"(95% CI, {results['episodes']} episodes{steps})")
 
 
+EPISODE_KEYS = ("ways", "shots", "queries")  # eval.<key> sets the evaluated run's task.test_<key>
+
+
 def run(cfg, run_dir: Path) -> dict:
     """mode=eval: evaluate the run in `cfg.ckpt` with its own config and this run's eval settings."""
     from metarun.checkpoint import Checkpoints
@@ -121,6 +124,11 @@ def run(cfg, run_dir: Path) -> dict:
     run_cfg = OmegaConf.load(saved)
     with open_dict(run_cfg):
         run_cfg.eval = cfg.eval
+        for key in EPISODE_KEYS:
+            if cfg.eval[key] is not None:
+                if cfg.eval[key] < 1:
+                    raise UserError(f"eval.{key}={cfg.eval[key]} must be >= 1")
+                run_cfg.task[f"test_{key}"] = cfg.eval[key]
         if cfg.dataset.get("local_dir"):
             run_cfg.dataset.local_dir = cfg.dataset.local_dir
     source = load_task_source(run_cfg.dataset, run_cfg.seed)

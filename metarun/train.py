@@ -35,6 +35,9 @@ def check_config(cfg) -> None:
             raise UserError(f"task.{key}={cfg.task[key]} must be >= 1")
     if cfg.eval.episodes < 1:
         raise UserError(f"eval.episodes={cfg.eval.episodes} must be >= 1")
+    for key in ("ways", "shots", "queries"):
+        if cfg.eval.get(key) is not None:
+            raise UserError(f"eval.{key} sets the test episodes of mode=eval; a training run takes task.test_{key}")
     regression = cfg.dataset.kind == "regression"
     if regression and cfg.learner.name != "mlp":
         raise UserError(f"dataset={cfg.dataset.name} is a regression dataset and needs learner=mlp task=regression "

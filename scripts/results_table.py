@@ -70,24 +70,35 @@ def val_trail(run_dir: Path, n: int = VAL_TRAIL) -> str:
                       for step, acc in points)
 
 
-def row(run_dir: Path) -> dict:
-    results = json.loads((run_dir / "results.json").read_text())
+def _hydra(run_dir: Path):
     cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
-    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    return cfg, (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.exists() else []
+
+
+def row(run_dir: Path) -> dict:
+    """A table row; a `mode=eval` dir (results.json names the evaluated_run) takes the training
+    facts (preset, steps, meta-batch, wall, validations) from the run it evaluated."""
+    results = json.loads((run_dir / "results.json").read_text())
+    trained_dir = Path(results["evaluated_run"]) if results.get("evaluated_run") else run_dir
+    trained = json.loads((trained_dir / "results.json").read_text()) if trained_dir != run_dir else results
+    cfg, overrides = _hydra(trained_dir)
+    eval_overrides = _hydra(run_dir)[1] if trained_dir != run_dir else []
     preset = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), None)
     algo = "mamlpp" if preset and preset.startswith("mamlpp") else results["algo"]
     ways, shots = results["ways"], results["shots"]
     paper = PAPER.get(algo, (None,) * 4)[SETTINGS[(ways, shots)]] if (ways, shots) in SETTINGS else None
     ours = results["mean"] * 100 if results["mean"] is not None else None
     return {
-        "run": preset or run_dir.name, "algo": algo, "setting": f"{ways}-way {shots}-shot",
+        "run": f"{preset or trained_dir.name}{' (re-tested)' if trained_dir != run_dir else ''}", "algo": algo, "setting": f"{ways}-way {shots}-shot",
         "ours": ours, "ci": results["ci95"] * 100 if results["ci95"] is not None else None,
         "paper": paper, "episodes": results["episodes"], "split": results.get("class_split"),
-        "seed": results["seed"], "steps": results.get("steps"), "meta_batch": cfg["train"]["meta_batch"],
-        "wall": results.get("train_wall_s"), "machine": f"{results.get('backend')}:{results.get('device')}",
-        "val": val_trail(run_dir),
-        "overrides": " ".join(o for o in overrides if not o.startswith(("experiment=", "hydra.", "dataset.local_dir",
-                                                                         "train.progress"))),
+        "seed": results["seed"], "steps": trained.get("steps"), "meta_batch": cfg["train"]["meta_batch"],
+        "wall": trained.get("train_wall_s"), "machine": f"{results.get('backend')}:{results.get('device')}",
+        "val": val_trail(trained_dir),
+        "overrides": " ".join(o for o in [*overrides, *eval_overrides]
+                              if not o.startswith(("experiment=", "hydra.", "dataset.local_dir", "train.progress",
+                                                   "ckpt=", "mode="))),
     }
 
 
@@ -125,7 +136,7 @@ def plot_curves(dirs, rows, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4), dpi=90)
     for run_dir, r in zip(dirs, rows):
-        curve = val_curve(run_dir)
+        curve = [] if r["run"].endswith("(re-tested)") else val_curve(run_dir)
         if curve:
             steps, accs = zip(*curve)
             ax.plot(steps, [100 * a for a in accs], "o-", ms=3, label=f"{r['algo']} {r['setting']} ({r['meta_batch']} task/step)")

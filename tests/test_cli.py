@@ -46,6 +46,10 @@ def test_cli_smoke_run_writes_a_complete_run_dir(tmp_path, fake_omniglot_overrid
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = json.loads((eval_dir / "results.json").read_text())
     assert again["mean"] == pytest.approx(results["mean"]) and again["checkpoint"] == "best"
+    # MAML's head is 5-way: testing it 3-way is refused in one line, naming the keys.
+    proc = metarun(*fake_omniglot_overrides, "mode=eval", f"ckpt={run_dir}", "eval.ways=3",
+                   f"hydra.run.dir={tmp_path / 'eval_3way'}")
+    assert proc.returncode == 2 and "5-way head" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_sinusoid_reports_mse_after_1_5_10_steps(tmp_path):

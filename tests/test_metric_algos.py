@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from metarun.algos import build_algo
 from metarun.algos.matching import class_log_probs, cosine_attention, matchingnet
@@ -196,6 +197,18 @@ def test_protonet_trains_10_way_and_tests_5_way_end_to_end(tmp_path):
     start, trained = initial_and_last_state(cfg, tmp_path)
     assert int(trained.step) == 10
     assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(trained.params)))
+
+    # mode=eval re-tests the trained run on another episode shape (eval.ways/shots/queries).
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    eval_dir = tmp_path / "eval_3w2s"
+    run(compose(TINY + ["mode=eval", f"ckpt={tmp_path}", "eval.ways=3", "eval.shots=2", "eval.queries=4",
+                        "eval.episodes=10"]), eval_dir)
+    again = json.loads((eval_dir / "results.json").read_text())
+    assert (again["algo"], again["ways"], again["shots"], again["queries"]) == ("protonet", 3, 2, 4)
+    assert again["evaluated_run"] == str(tmp_path)
+    with pytest.raises(UserError, match=r"eval\.ways sets the test episodes of mode=eval.*task\.test_ways"):
+        run(compose(TINY + ["algo=protonet", "eval.ways=3"]), tmp_path / "train_with_eval_ways")
 
 
 @pytest.mark.parametrize("preset", PRESETS)

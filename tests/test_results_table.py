@@ -52,3 +52,21 @@ def test_curves_plot_is_written(tmp_path):
     fake_run(tmp_path / "run")
     results_table.main(["--collect", str(tmp_path), "--curves", str(tmp_path / "curves.png")])
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_a_re_tested_run_takes_its_training_facts_from_the_evaluated_run(tmp_path):
+    trained = fake_run(tmp_path / "run")
+    eval_dir = tmp_path / "eval_20w"
+    (eval_dir / ".hydra").mkdir(parents=True)
+    (eval_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"train": {"meta_batch": 32}}))
+    (eval_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+        ["mode=eval", f"ckpt={trained}", "eval.ways=20"]))
+    results = json.loads((trained / "results.json").read_text())
+    results.update(ways=20, mean=0.93, evaluated_run=str(trained), checkpoint="best")
+    del results["steps"], results["train_wall_s"]
+    (eval_dir / "results.json").write_text(json.dumps(results))
+    r = results_table.row(eval_dir)
+    assert (r["run"], r["setting"], r["paper"]) == ("protonet_omniglot_5w1s (re-tested)", "20-way 1-shot", 96.0)
+    assert (r["steps"], r["meta_batch"], r["wall"]) == (4000, 1, 600.0)
+    assert r["overrides"] == "train.steps=4000 eval.ways=20"
+    assert r["val"].endswith("97.3 (4k)")
