@@ -8,7 +8,7 @@ order, Adam outer step.
 
   python scripts/bench.py                       # metarun, then the torch peer; one JSON line
   python scripts/bench.py --inner-steps 5 --no-peer
-  python scripts/bench.py --override algo.remat=true --json
+  python scripts/bench.py --override learner.conv_impl=xla --json
 
 Prints one JSON line: ms per meta-step (median over --iters calls, divided by
 --steps-per-call), compile seconds (AOT lower+compile), peak memory, backend, and, when torch
