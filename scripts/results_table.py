@@ -143,7 +143,9 @@ def plot_curves(dirs, rows, path: Path) -> None:
         curve = [] if r["run"].endswith("(re-tested)") else val_curve(run_dir)
         if curve:
             steps, accs = zip(*curve)
-            ax.plot(steps, [100 * a for a in accs], "o-", ms=3, label=f"{r['algo']} {r['setting']} ({r['meta_batch']} task/step)")
+            algo_overrides = " ".join(o for o in r["overrides"].split() if o.startswith("algo."))
+            label = f"{r['algo']} {r['setting']} {algo_overrides} ({r['meta_batch']} task/step)".replace("  ", " ")
+            ax.plot(steps, [100 * a for a in accs], "o-", ms=3, label=label)
     ax.set_xlabel("meta-step")
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
