@@ -16,7 +16,7 @@ from metarun.checkpoint import Checkpoints
 from metarun.core import init_state, make_train_chunk
 from metarun.data.sources import episode_shapes, load_task_source
 from metarun.errors import UserError
-from metarun.evaluate import Evaluator, format_result, score, write_results
+from metarun.evaluate import EPISODE_KEYS, Evaluator, format_result, score, write_results
 from metarun.metrics import MetricsLog
 from metarun.optim import make_optimizer
 from metarun import sharding
@@ -35,7 +35,7 @@ def check_config(cfg) -> None:
             raise UserError(f"task.{key}={cfg.task[key]} must be >= 1")
     if cfg.eval.episodes < 1:
         raise UserError(f"eval.episodes={cfg.eval.episodes} must be >= 1")
-    for key in ("ways", "shots", "queries"):
+    for key in EPISODE_KEYS:
         if cfg.eval.get(key) is not None:
             raise UserError(f"eval.{key} sets the test episodes of mode=eval; a training run takes task.test_{key}")
     regression = cfg.dataset.kind == "regression"

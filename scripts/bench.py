@@ -1,7 +1,7 @@
 """Time metarun's MAML meta-step on the peer's workload, and the torch peer beside it.
 
 The step is built the way `metarun` trains: Hydra composes the config (dataset=synthetic),
-`build_algo` + `make_optimizer` + `make_train_chunk`, episodes sampled on the device inside
+`train.initial_state` + `make_train_chunk`, episodes sampled on the device inside
 the jitted step. Defaults are the peer's workload (../shared/peer/maml_torch.py): 5-way
 1-shot, 15 queries, meta-batch 32, Conv-4 with 64 filters on 28x28x1, 1 inner step, second
 order, Adam outer step.
@@ -52,7 +52,7 @@ def parse_args(argv=None):
                    help="persistent compilation cache dir (jax_compilation_cache_dir); a second run compiles fast")
     p.add_argument("--xla-flags", default=None, help="appended to XLA_FLAGS before jax starts")
     p.add_argument("--override", action="append", default=[],
-                   help="extra Hydra override, e.g. algo.remat=true (repeatable)")
+                   help="extra Hydra override, e.g. learner.conv_impl=xla (repeatable)")
     p.add_argument("--no-peer", action="store_true", help="skip the torch peer")
     p.add_argument("--peer-path", default=os.environ.get("METARUN_PEER",
                                                          str(REPO.parent / "shared" / "peer" / "maml_torch.py")))
@@ -161,19 +161,16 @@ def bench_metarun(a, log):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-    from metarun.algos import build_algo
-    from metarun.core import init_state, make_train_chunk, resolve_task_batching
+    from metarun.core import make_train_chunk, resolve_task_batching
     from metarun.data.sources import episode_shapes, load_task_source
     from metarun.learners import resolve_conv_impl
-    from metarun.optim import make_optimizer
+    from metarun.train import initial_state
 
     cfg = compose(a)
     source = load_task_source(cfg.dataset, cfg.seed)
     sampler = source.sampler("train", episode_shapes(cfg.task)["train"])
-    algo = build_algo(cfg, source.kind, "train")
-    optimizer = make_optimizer(cfg.meta_opt, cfg.train.steps)
     data = source.data["train"]
-    state = init_state(algo, optimizer, sampler, data, cfg.seed)
+    algo, optimizer, state = initial_state(cfg, source)
     batching = resolve_task_batching(cfg.train.get("task_batching", "auto"))
     task_chunk = int(cfg.train.get("task_chunk", 1))
     chunk = make_train_chunk(algo, optimizer, sampler, cfg.train.meta_batch, cfg.train.steps_per_call,

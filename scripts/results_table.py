@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from metarun.metrics import MetricsLog
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Omniglot accuracy (%) reported by each paper: (5w1s, 5w5s, 20w1s, 20w5s).
@@ -61,8 +63,7 @@ def find_runs(roots) -> list[Path]:
 
 def val_curve(run_dir: Path) -> list[tuple[int, float]]:
     """(step, validation accuracy) pairs from the run's metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = MetricsLog(run_dir / "metrics.jsonl").read()
     return [(r["step"], r["val/accuracy"]) for r in rows if r.get("val/accuracy") is not None]
 
 

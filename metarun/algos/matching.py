@@ -76,8 +76,9 @@ def matchingnet(embedding, objective, ways: int, fce: bool = False, fce_steps: i
 
     `adapt` embeds the support set (the support bank; with FCE, re-embedded by a bidirectional
     LSTM in the context of the whole set); `loss` attends from each query embedding over the
-    bank with a softmax of cosine similarities (or negative squared distances), predicts P(y|x̂) = Σ_i a(x̂, x_i) onehot(y_i), and
-    applies the objective (cross-entropy) to log P, i.e. the NLL. The shared embedding's
+    bank with a softmax of cosine similarities (or negative squared distances), predicts
+    P(y|x̂) = Σ_i a(x̂, x_i) onehot(y_i), and applies the objective (cross-entropy) to log P,
+    i.e. the NLL. The shared embedding's
     transductive BatchNorm normalises support and query each with their own batch statistics.
 
     Args:
