@@ -1,11 +1,18 @@
-"""Orbax checkpoints: the last k train states, plus the best on validation, each saved atomically."""
+"""Orbax checkpoints: the last k train states, plus the best on validation, each saved atomically.
+
+A step that fails to restore (a torn or damaged directory) is reported in one line and the next
+older step is tried, so one bad file never costs the run.
+"""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
 
 
 def _manager(directory: Path, **options) -> ocp.CheckpointManager:
@@ -17,7 +24,10 @@ def _manager(directory: Path, **options) -> ocp.CheckpointManager:
 
 
 class Checkpoints:
-    """`checkpoints/last/<step>` (keep the newest `keep`) and `checkpoints/best/<step>` (keep one)."""
+    """`checkpoints/last/<step>` (keep the newest `keep`) and `checkpoints/best/<step>` (keep one).
+
+    `last` holds whole train states; `best` holds {"params", "algo_state"}: what evaluation needs.
+    """
 
     def __init__(self, directory: Path, keep: int):
         self.directory = Path(directory)
@@ -29,32 +39,45 @@ class Checkpoints:
         if step not in self.last.all_steps():
             self.last.save(step, args=ocp.args.StandardSave(state))
 
-    def save_scored(self, params, step: int, score: float) -> None:
-        """Offer `params` with a validation `score` (higher is better); orbax keeps the best one."""
+    def save_scored(self, tree, step: int, score: float) -> None:
+        """Offer `tree` with a validation `score` (higher is better); orbax keeps the best one."""
         if step not in self.best.all_steps():
-            self.best.save(step, args=ocp.args.StandardSave(params), metrics={"score": float(score)})
+            self.best.save(step, args=ocp.args.StandardSave(tree), metrics={"score": float(score)})
 
     def latest_step(self) -> Optional[int]:
         return self.last.latest_step()
 
     def restore_latest(self, like):
-        """The newest saved train state, shaped like `like`; None if there is none."""
-        step = self.last.latest_step()
-        if step is None:
-            return None
-        return self.last.restore(step, args=ocp.args.StandardRestore(_abstract(like)))
+        """The newest train state that restores, shaped like `like`; None if there is none.
 
-    def restore_best(self, like_params):
+        Damaged newer steps are skipped with a warning (and left on disk for inspection)."""
+        for step in sorted(self.last.all_steps(), reverse=True):
+            try:
+                return self.last.restore(step, args=ocp.args.StandardRestore(_abstract(like)))
+            except Exception as e:  # torn files, a missing manifest, a changed structure
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                log.warning("checkpoint %s cannot be restored (%s: %s); trying the previous step",
+                            self.directory / "last" / str(step), type(e).__name__, reason)
+        return None
+
+    def restore_best(self, like):
         step = self.best.best_step()
         if step is None:
             return None
-        return self.best.restore(step, args=ocp.args.StandardRestore(_abstract(like_params)))
+        try:
+            return self.best.restore(step, args=ocp.args.StandardRestore(_abstract(like)))
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            log.warning("best checkpoint %s cannot be restored (%s); using the last state instead",
+                        self.directory / "best" / str(step), reason)
+            return None
 
-    def drop_best_after(self, step: int) -> None:
-        """On resume, forget best checkpoints newer than the restored state; they will be redone."""
-        for s in self.best.all_steps():
-            if s > step:
-                self.best.delete(s)
+    def drop_after(self, step: int) -> None:
+        """On resume, forget checkpoints newer than the restored state (damaged or ahead); they will be redone."""
+        for manager in (self.last, self.best):
+            for s in manager.all_steps():
+                if s > step:
+                    manager.delete(s)
 
     def close(self) -> None:
         self.last.close()

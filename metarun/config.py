@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -15,139 +14,19 @@ class Mode(enum.Enum):
     eval = "eval"
 
 
-class BatchNormMode(enum.Enum):
-    transductive = "transductive"  # batch statistics of whatever batch is seen (original MAML)
-    none = "none"
-
-
 class TaskBatching(enum.Enum):
     auto = "auto"      # map on CPU, vmap on accelerators (see metarun.core.resolve_task_batching)
     vmap = "vmap"      # the whole meta-batch in one vmapped pass
     map = "map"        # lax.map over tasks, train.task_chunk tasks vmapped per iteration
 
 
-class ConvImpl(enum.Enum):
-    auto = "auto"      # im2col on CPU, XLA's convolution on accelerators
-    xla = "xla"
-    im2col = "im2col"
+class OnNonfinite(enum.Enum):
+    stop = "stop"            # stop at the next host sync, keep the last finite checkpoint, exit non-zero
+    skip_step = "skip_step"  # drop a meta-step whose loss, gradient or parameters are not finite; go on
 
 
-# ---- datasets -------------------------------------------------------------------------
-@dataclass
-class OmniglotConfig:
-    name: str = "omniglot"
-    kind: str = "classification"
-    local_dir: Optional[str] = None
-    image_size: int = 28
-    split: str = "vinyals"
-    rotations: List[int] = field(default_factory=lambda: [0, 90, 180, 270])
-    cache_dir: Optional[str] = None
-
-
-@dataclass
-class SinusoidConfig:
-    name: str = "sinusoid"
-    kind: str = "regression"
-    amplitude: List[float] = field(default_factory=lambda: [0.1, 5.0])
-    phase: List[float] = field(default_factory=lambda: [0.0, math.pi])
-    x_range: List[float] = field(default_factory=lambda: [-5.0, 5.0])
-
-
-@dataclass
-class SyntheticConfig:
-    """Generated image classes (a random pattern per class plus noise): tests and benchmarks."""
-    name: str = "synthetic"
-    kind: str = "classification"
-    image_size: int = 28
-    classes: List[int] = field(default_factory=lambda: [64, 16, 16])  # train, val, test
-    examples_per_class: int = 20
-    noise: float = 0.3
-
-
-# ---- learners -------------------------------------------------------------------------
-@dataclass
-class Conv4Config:
-    name: str = "conv4"
-    filters: int = 64
-    blocks: int = 4
-    batch_norm: BatchNormMode = BatchNormMode.transductive
-    conv_impl: ConvImpl = ConvImpl.auto
-
-
-@dataclass
-class MLPConfig:
-    name: str = "mlp"
-    hidden: List[int] = field(default_factory=lambda: [40, 40])
-
-
-# ---- algorithms -----------------------------------------------------------------------
-@dataclass
-class MAMLConfig:
-    name: str = "maml"
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    eval_inner_steps: int = 3
-    first_order: bool = False
-    # MAML++ (Antoniou et al. 2019) options; all off = plain MAML.
-    msl: bool = False                        # multi-step loss over the inner steps
-    msl_anneal_steps: int = 0                # >0: anneal MSL weights to the last step over these meta-steps
-    first_order_steps: int = 0               # first-order for the first N meta-steps, then second order
-    msl_last_weight: Optional[float] = None  # None: uniform over steps; else the last step's weight
-    lslr: bool = False                       # learned per-layer per-step inner learning rates
-    per_step_bn: bool = False                # per-step BatchNorm scale/bias (BNWB)
-
-
-@dataclass
-class ReptileConfig:
-    name: str = "reptile"
-    inner_opt: str = "adam"                   # adam | sgd; fresh state per task
-    inner_lr: float = 1e-3
-    inner_beta1: float = 0.0                  # supervised-reptile's Adam has beta1=0
-    inner_steps: int = 5
-    inner_batch: Optional[int] = 10           # examples per inner step; null = the whole support set
-    eval_inner_steps: int = 50
-    eval_inner_batch: Optional[int] = 5
-    transductive: bool = True                 # query scored as one batch (BN statistics over the queries)
-
-
-@dataclass
-class MetaSGDConfig:
-    name: str = "metasgd"
-    inner_lr_init: List[float] = field(default_factory=lambda: [0.005, 0.1])  # uniform [low, high]
-    learn_inner_lr: bool = True
-    inner_steps: int = 1
-    eval_inner_steps: int = 1
-    first_order: bool = False
-
-
-@dataclass
-class ANILConfig:
-    name: str = "anil"
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    eval_inner_steps: int = 3
-    first_order: bool = False
-
-
-@dataclass
-class ProtoNetConfig:
-    """Prototypical Networks: no hyperparameters beyond the episode shapes (task.ways > test_ways is fine)."""
-    name: str = "protonet"
-
-
-@dataclass
-class MatchingNetConfig:
-    name: str = "matchingnet"
-    fce: bool = False        # full context embeddings (bidirectional LSTM + attention LSTM)
-    fce_steps: int = 5       # processing steps K of the attention LSTM (used only when fce)
-    distance: str = "cosine" # cosine (the paper) | l2 (negative squared Euclidean distance)
-
-
-@dataclass
-class RelationNetConfig:
-    name: str = "relationnet"
-    hidden: int = 8              # the relation module's FC width (8 in the paper)
-    class_feature: str = "sum"   # sum (the paper's K-shot rule) | mean of a class's support maps
+# The dataset, learner and algorithm schemas live beside their code (metarun/data, learners, algos)
+# and register themselves (metarun.registry); register_configs stores them for Hydra.
 
 
 # ---- the rest -------------------------------------------------------------------------
@@ -160,6 +39,8 @@ class TaskConfig:
     test_ways: Optional[int] = None
     test_shots: Optional[int] = None
     test_queries: Optional[int] = None
+    # Regression: the support size drawn per task from U{min_shots..shots} (masked); None = always shots.
+    min_shots: Optional[int] = None
 
 
 @dataclass
@@ -190,6 +71,7 @@ class TrainConfig:
     keep_ckpts: int = 3
     progress: bool = True
     tensorboard: bool = False
+    on_nonfinite: OnNonfinite = OnNonfinite.stop
 
 
 @dataclass
@@ -200,6 +82,9 @@ class EvalConfig:
     split: str = "test"
     use_best: bool = True        # evaluate the best-on-validation checkpoint when there is one
     report_steps: List[int] = field(default_factory=list)  # extra test-time inner-step counts
+    # True: the query set is scored as one batch (BatchNorm statistics over the queries, as MAML and
+    # Reptile's "transductive" setting); False: each query example with the support set alone.
+    transductive: bool = True
     # mode=eval only: test episode shape (default: the evaluated run's task.test_* / task.*), e.g.
     # a ProtoNet trained on 60-way 1-shot episodes tested 20-way as well as 5-way.
     ways: Optional[int] = None
@@ -224,21 +109,18 @@ class Config:
     debug: Any = None
 
 
-SCHEMAS = {
-    "dataset": {"omniglot": OmniglotConfig, "sinusoid": SinusoidConfig, "synthetic": SyntheticConfig},
-    "learner": {"conv4": Conv4Config, "mlp": MLPConfig},
-    "algo": {"maml": MAMLConfig, "reptile": ReptileConfig, "metasgd": MetaSGDConfig, "anil": ANILConfig,
-             "protonet": ProtoNetConfig, "matchingnet": MatchingNetConfig,
-             "relationnet": RelationNetConfig},
-    "task": {"task": TaskConfig},
-    "meta_opt": {"meta_opt": MetaOptConfig},
-}
+GROUPS = {"dataset": "dataset", "learner": "learner", "algo": "algo"}  # config group -> registry kind
 
 
 def register_configs() -> None:
     """Store the schemas; each group's YAML option names `<schema>_schema` in its defaults."""
+    from metarun.registry import entries
+
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for group, schemas in SCHEMAS.items():
-        for name, node in schemas.items():
-            cs.store(group=group, name=f"{name}_schema", node=node)
+    cs.store(group="task", name="task_schema", node=TaskConfig)
+    cs.store(group="meta_opt", name="meta_opt_schema", node=MetaOptConfig)
+    for group, kind in GROUPS.items():
+        for name, entry in entries(kind).items():
+            if entry.schema is not None:
+                cs.store(group=group, name=f"{name}_schema", node=entry.schema)

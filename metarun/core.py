@@ -8,29 +8,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metarun.algos.base import MetaAlgorithm
-from metarun.data.tasks import Sampler, Task, sample_batch
+from metarun.algos.base import MetaAlgorithm, meta_step, task_loss
+from metarun.data.tasks import Sampler, sample_batch
 
 
 class TrainState(NamedTuple):
     step: jax.Array        # int32 scalar: meta-steps done
-    params: object         # meta-parameters
+    params: object         # meta-parameters (trained by the outer optimiser)
     opt_state: object
+    algo_state: object     # the algorithm's own state (MetaAlgorithm.init), checkpointed with the rest
     key: jax.Array         # base PRNG key; step s uses fold_in(key, s), so resuming needs only `step`
-
-
-def task_loss(algo: MetaAlgorithm, params, task: Task, key):
-    adapt_key, loss_key = jax.random.split(key)
-    adapted = algo.adapt(params, task.support, adapt_key)
-    return algo.loss(params, adapted, task.query, loss_key)
-
-
-def task_grad(algo: MetaAlgorithm, params, task: Task, key):
-    """(grads, metrics) for one task: the algorithm's own meta-gradient or grad of loss∘adapt."""
-    if algo.meta_grad is not None:
-        return algo.meta_grad(params, task, key)
-    (_, metrics), grads = jax.value_and_grad(partial(task_loss, algo), has_aux=True)(params, task, key)
-    return grads, metrics
+    best_score: jax.Array  # float32: best validation score so far (higher is better; -inf: none yet)
+    best_step: jax.Array   # int32: the step it was reached at (-1: none yet)
 
 
 def resolve_task_batching(task_batching: str = "auto", sharded: bool = False) -> str:
@@ -45,44 +34,43 @@ def resolve_task_batching(task_batching: str = "auto", sharded: bool = False) ->
     return mode
 
 
-def map_tasks(fn: Callable, params, tasks: Task, keys, task_batching: str = "vmap", task_chunk: int = 1):
-    """`fn(params, task, key)` over a batch of tasks: one vmap, or a lax.map over chunks of
-    `task_chunk` tasks (vmapped inside a chunk). Same values either way, stacked on axis 0."""
+def task_mapper(task_batching: str = "vmap", task_chunk: int = 1) -> Callable:
+    """`map_tasks(fn, tasks, keys)`: `fn(task, key)` over a batch of tasks, as one vmap or a lax.map
+    over chunks of `task_chunk` tasks (vmapped inside a chunk). Same values either way, stacked on axis 0."""
     if resolve_task_batching(task_batching) == "vmap":
-        return jax.vmap(fn, in_axes=(None, 0, 0))(params, tasks, keys)
-    one = lambda tk: fn(params, *tk)  # noqa: E731
-    return jax.lax.map(one, (tasks, keys), batch_size=task_chunk if task_chunk > 1 else None)
-
-
-def meta_gradient(algo: MetaAlgorithm, params, tasks: Task, key, task_batching: str = "vmap",
-                  task_chunk: int = 1):
-    """Mean meta-gradient and metrics over a batch of tasks (vmapped, or a lax.map: see map_tasks)."""
-    keys = jax.random.split(key, jax.tree.leaves(tasks)[0].shape[0])
-    grads, metrics = map_tasks(partial(task_grad, algo), params, tasks, keys, task_batching, task_chunk)
-    mean = lambda t: jax.tree.map(lambda a: a.mean(0), t)  # noqa: E731
-    return mean(grads), mean(metrics)
+        return lambda fn, tasks, keys: jax.vmap(fn)(tasks, keys)
+    return lambda fn, tasks, keys: jax.lax.map(lambda tk: fn(*tk), (tasks, keys),
+                                               batch_size=task_chunk if task_chunk > 1 else None)
 
 
 def init_state(algo: MetaAlgorithm, optimizer: optax.GradientTransformation, sampler: Sampler, data,
                seed: int) -> TrainState:
     key = jax.random.PRNGKey(seed)
     init_key, task_key, run_key = jax.random.split(key, 3)
-    params = algo.init(init_key, sampler(data, task_key))
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), run_key)
+    params, algo_state = algo.init(init_key, sampler(data, task_key))
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), algo_state, run_key,
+                      jnp.array(-jnp.inf, jnp.float32), jnp.array(-1, jnp.int32))
+
+
+def finite(tree) -> jax.Array:
+    """True when every leaf of `tree` is finite (a scalar bool)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def make_train_chunk(algo: MetaAlgorithm, optimizer: optax.GradientTransformation, sampler: Sampler,
                      meta_batch: int, steps: int, shard_tasks: Callable | None = None,
-                     task_batching: str = "auto", task_chunk: int = 1) -> Callable:
+                     task_batching: str = "auto", task_chunk: int = 1, skip_nonfinite: bool = False) -> Callable:
     """A jitted `(state, data) -> (state, metrics)` running `steps` meta-steps in one lax.scan.
 
-    Tasks are sampled inside the step from the device-resident `data`, so a chunk makes no
-    host round trip; `metrics` has a leading axis of length `steps`. `shard_tasks` (from
-    metarun.sharding) places the sampled task batch over several devices. `task_batching`
-    (auto | vmap | map) and `task_chunk` choose how the meta-batch is batched (map_tasks);
-    'auto' resolves per backend (resolve_task_batching).
+    Tasks are sampled inside the step from the device-resident `data`, so a chunk makes no host
+    round trip; `metrics` has a leading axis of length `steps` and always holds `nonfinite` (1.0
+    where that step's loss, gradient or new parameters were not finite). skip_nonfinite=True keeps
+    the previous state for such a step (train.on_nonfinite=skip_step); otherwise the step is
+    applied and the host stops the run at the next sync. `shard_tasks` places the sampled task
+    batch over several devices; `task_batching`/`task_chunk` choose how the meta-batch is batched.
     """
-    batching = resolve_task_batching(task_batching, sharded=shard_tasks is not None)
+    map_tasks = task_mapper(resolve_task_batching(task_batching, sharded=shard_tasks is not None), task_chunk)
 
     def one_step(data, state: TrainState, _):
         step_key = jax.random.fold_in(state.key, state.step)
@@ -91,10 +79,14 @@ def make_train_chunk(algo: MetaAlgorithm, optimizer: optax.GradientTransformatio
         if shard_tasks is not None:
             tasks = shard_tasks(tasks)
         step_algo = algo.at_step(state.step) if algo.at_step is not None else algo
-        grads, metrics = meta_gradient(step_algo, state.params, tasks, algo_key, batching, task_chunk)
+        grads, algo_state, metrics = meta_step(step_algo, state.params, state.algo_state, tasks, algo_key, map_tasks)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, opt_state, state.key), metrics
+        ok = finite((metrics.get("loss"), grads, params, algo_state))
+        new = state._replace(step=state.step + 1, params=params, opt_state=opt_state, algo_state=algo_state)
+        if skip_nonfinite:
+            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state._replace(step=state.step + 1))
+        return new, {**metrics, "nonfinite": 1.0 - ok.astype(jnp.float32)}
 
     @partial(jax.jit, donate_argnums=0)
     def train_chunk(state: TrainState, data):
@@ -103,17 +95,21 @@ def make_train_chunk(algo: MetaAlgorithm, optimizer: optax.GradientTransformatio
     return train_chunk
 
 
-def make_eval_batch(algo: MetaAlgorithm, sampler: Sampler, batch: int, task_batching: str = "auto",
+def make_eval_batch(algo: MetaAlgorithm, sampler: Sampler, task_batching: str = "auto",
                     task_chunk: int = 1) -> Callable:
-    """A jitted `(params, data, key) -> metrics` with one value per task ([batch] arrays)."""
-    batching = resolve_task_batching(task_batching)
+    """A jitted `(params, algo_state, data, keys) -> metrics`, one task per key ([batch] arrays).
+
+    Episode i is sampled from keys[i] alone, so the fixed test episodes do not depend on how
+    many are evaluated per call."""
+    map_tasks = task_mapper(resolve_task_batching(task_batching), task_chunk)
 
     @jax.jit
-    def eval_batch(params, data, key):
-        task_key, algo_key = jax.random.split(key)
-        tasks = sample_batch(sampler, data, task_key, batch)
-        keys = jax.random.split(algo_key, batch)
-        _, metrics = map_tasks(partial(task_loss, algo), params, tasks, keys, batching, task_chunk)
-        return metrics
+    def eval_batch(params, algo_state, data, keys):
+        def per_task(key, _):
+            task_key, algo_key = jax.random.split(key)
+            task = sampler(data, task_key)
+            return task_loss(algo, params, algo_state, task, algo_key)[1]
+
+        return map_tasks(per_task, keys, keys)
 
     return eval_batch

@@ -31,8 +31,26 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def strict(obj):
+    """`obj` with every non-finite float (NaN, ±inf) replaced by None: strict JSON that any parser reads."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return strict(obj.item())
+    return obj
+
+
+def dumps(obj, **kwargs) -> str:
+    """Strict JSON text (allow_nan=False after `strict`): never NaN or Infinity."""
+    return json.dumps(strict(obj), allow_nan=False, sort_keys=True, **kwargs)
+
+
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, dumps(obj, indent=2) + "\n")
 
 
 def mean_ci95(values: Iterable[float]) -> Dict[str, Optional[float]]:
@@ -71,10 +89,10 @@ class MetricsLog:
     def truncate_after(self, step: int) -> List[dict]:
         """Keep rows up to `step` (the restored checkpoint), so a resumed log equals an uninterrupted one."""
         rows = [r for r in self.read() if r["step"] <= step]
-        atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        atomic_write_text(self.path, "".join(dumps(r) + "\n" for r in rows))
         return rows
 
     def append(self, row: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.write(dumps(row) + "\n")
             f.flush()

@@ -5,46 +5,51 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from metarun.algos import build_algo
+from metarun import sharding
+from metarun.build import initial_state, load_family
 from metarun.checkpoint import Checkpoints
-from metarun.core import init_state, make_train_chunk
-from metarun.data.sources import episode_shapes, load_task_source
+from metarun.core import make_train_chunk
 from metarun.errors import UserError
-from metarun.evaluate import EPISODE_KEYS, Evaluator, format_result, score, write_results
+from metarun.evaluate import EPISODE_KEYS, Evaluator, check_eval_config, format_result, write_results
+from metarun.learners import build_learner
 from metarun.metrics import MetricsLog
 from metarun.optim import make_optimizer
-from metarun import sharding
+from metarun.resume import restore_hydra_config, resume_config, save_config
+from metarun.runlock import RunLock
 
 log = logging.getLogger(__name__)
 
 
+class DivergedError(UserError):
+    """Training produced a non-finite loss, gradient or parameter (train.on_nonfinite=stop)."""
+
+
 def check_config(cfg) -> None:
-    """Cross-group checks that a schema cannot express; each failure names the keys to change."""
+    """Checks a schema cannot express, before any data is read; each failure names the keys to change."""
     t = cfg.train
-    for key in ("steps", "meta_batch", "steps_per_call", "log_every", "ckpt_every", "keep_ckpts"):
+    for key in ("steps", "meta_batch", "steps_per_call", "log_every", "ckpt_every", "keep_ckpts", "task_chunk"):
         if t[key] < 1:
             raise UserError(f"train.{key}={t[key]} must be >= 1")
-    for key in ("ways", "shots", "queries"):
-        if cfg.task[key] < 1:
-            raise UserError(f"task.{key}={cfg.task[key]} must be >= 1")
-    if cfg.eval.episodes < 1:
-        raise UserError(f"eval.episodes={cfg.eval.episodes} must be >= 1")
+    for key in ("val_every", "val_episodes"):
+        if t[key] < 0:
+            raise UserError(f"train.{key}={t[key]} must be >= 0")
+    check_eval_config(cfg)
     for key in EPISODE_KEYS:
         if cfg.eval.get(key) is not None:
             raise UserError(f"eval.{key} sets the test episodes of mode=eval; a training run takes task.test_{key}")
-    regression = cfg.dataset.kind == "regression"
-    if regression and cfg.learner.name != "mlp":
-        raise UserError(f"dataset={cfg.dataset.name} is a regression dataset and needs learner=mlp task=regression "
-                        f"(got learner={cfg.learner.name}); or take the recipe whole: experiment=maml_sinusoid")
-    if not regression and cfg.learner.name == "mlp":
-        raise UserError(f"learner=mlp is for regression; dataset={cfg.dataset.name} has images: use learner=conv4")
-    make_optimizer(cfg.meta_opt, t.steps)  # a bad meta_opt fails here, before any data is read
+    build_learner(cfg.learner, None)  # a bad learner section (filters=0, ...) fails here
+    side, blocks = cfg.dataset.get("image_size"), cfg.learner.get("blocks")
+    if side is not None and blocks is not None and side < 2 ** blocks:
+        raise UserError(f"dataset.image_size={side} is too small for learner.blocks={blocks} (each block halves "
+                        f"the image): use dataset.image_size >= {2 ** blocks} or fewer learner.blocks")
+    make_optimizer(cfg.meta_opt, t.steps)  # a bad meta_opt fails here
 
 
 def chunk_size(cfg) -> int:
@@ -70,65 +75,78 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def initial_state(cfg, source):
-    """(algo, optimizer, the train state a run of `cfg` starts from): also the restore target
-    that a run's checkpoints are read into (resume, mode=eval)."""
-    algo = build_algo(cfg, source.kind, "train")
-    optimizer = make_optimizer(cfg.meta_opt, cfg.train.steps)
-    sampler = source.sampler("train", episode_shapes(cfg.task)["train"])
-    return algo, optimizer, init_state(algo, optimizer, sampler, source.data["train"], cfg.seed)
-
-
-def run(cfg, run_dir: Path) -> Optional[float]:
-    """Train per `cfg` into `run_dir`; returns the best validation score (the sweep objective)."""
+def run(cfg, run_dir: Path, overrides: Optional[List[str]] = None) -> Optional[float]:
+    """Train per `cfg` into `run_dir` (one run per directory: a lock); returns the best validation
+    score, higher is better (the sweep objective). `overrides`: the command line's, for resume."""
     run_dir = Path(run_dir)
+    try:
+        with RunLock(run_dir):
+            return _train(cfg, run_dir, overrides)
+    except UserError:
+        restore_hydra_config(run_dir)  # Hydra rewrote .hydra/config.yaml before metarun ran: put the run's own back
+        raise
+
+
+def _train(cfg, run_dir: Path, overrides: Optional[List[str]]) -> Optional[float]:
+    ckpts_dir = run_dir / "checkpoints"
+    if cfg.resume:
+        cfg = resume_config(run_dir, cfg, overrides)
+    elif ckpts_dir.exists() and any(ckpts_dir.glob("last/*")):
+        raise UserError(f"{run_dir} already holds checkpoints: pass resume=true to continue that run, "
+                        f"or choose another hydra.run.dir")
     check_config(cfg)
     mesh = sharding.task_mesh(cfg.train.meta_batch)  # None on one device; checks meta_batch divides
-    source = load_task_source(cfg.dataset, cfg.seed)
-    shapes = episode_shapes(cfg.task)
-    train_sampler = source.sampler("train", shapes["train"])
-    algo, optimizer, state = initial_state(cfg, source)
-    evaluator = Evaluator(cfg, source, cfg.eval.split, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch,
+    log.info("loading dataset=%s ...", cfg.dataset.name)
+    family = load_family(cfg)
+    algo, optimizer, state = initial_state(cfg, family)
+    evaluator = Evaluator(cfg, family, cfg.eval.split, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch,
                           list(cfg.eval.report_steps))
     validator = None
     if cfg.train.val_every > 0 and cfg.train.val_episodes > 0:
-        validator = Evaluator(cfg, source, "val", cfg.train.val_episodes, cfg.eval.seed + 1, cfg.eval.batch)
+        validator = Evaluator(cfg, family, "val", cfg.train.val_episodes, cfg.eval.seed + 1, cfg.eval.batch)
 
-    ckpts = Checkpoints(run_dir / "checkpoints", cfg.train.keep_ckpts)
+    ckpts = Checkpoints(ckpts_dir, cfg.train.keep_ckpts)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     wall_offset = 0.0
-    if ckpts.latest_step() is not None and not cfg.resume:
-        raise UserError(f"{run_dir} already holds checkpoints: pass resume=true to continue that run, "
-                        f"or choose another hydra.run.dir")
     if cfg.resume:
         restored = ckpts.restore_latest(state)
         start = 0 if restored is None else int(restored.step)
         if restored is not None:
             state = restored
+        ckpts.drop_after(start)
         rows = metrics_log.truncate_after(start)
-        ckpts.drop_best_after(start)
         wall_offset = max((r.get("wall_s", 0.0) for r in rows), default=0.0)
-        log.info("resuming at step %d from %s", start, run_dir / "checkpoints")
+        log.info("resuming at step %d from %s", start, ckpts_dir)
+    save_config(run_dir, cfg)
+    restore_hydra_config(run_dir)
+    try:
+        return _loop(cfg, run_dir, family, algo, optimizer, state, evaluator, validator, ckpts, metrics_log,
+                     wall_offset, mesh)
+    finally:
+        ckpts.close()
+
+
+def _loop(cfg, run_dir, family, algo, optimizer, state, evaluator, validator, ckpts, metrics_log, wall_offset, mesh):
     # More than one device: tasks split over a "tasks" mesh axis, params and data replicated.
     state = sharding.replicate(state, mesh)
-    train_data = sharding.replicate(source.data["train"], mesh)
+    train_data = sharding.replicate(family.data["train"], mesh)
     if mesh is not None:
         log.info("%s", sharding.describe(mesh))
-    start = int(state.step)
-    total = cfg.train.steps
+    start, total = int(state.step), cfg.train.steps
+    on_nonfinite = getattr(cfg.train.on_nonfinite, "value", cfg.train.on_nonfinite)
 
     chunk = chunk_size(cfg)
+    log.info("compiling %d meta-steps per call (%s on %s) ...", chunk, cfg.algo.name, jax.default_backend())
     compile_start = time.perf_counter()
-    train_chunk = make_train_chunk(algo, optimizer, train_sampler, cfg.train.meta_batch, chunk,
-                                   shard_tasks=sharding.task_constraint(mesh),
-                                   task_batching=cfg.train.task_batching, task_chunk=cfg.train.task_chunk)
+    train_chunk = make_train_chunk(algo, optimizer, family.sampler("train"), cfg.train.meta_batch, chunk,
+                                   shard_tasks=sharding.task_constraint(mesh), task_batching=cfg.train.task_batching,
+                                   task_chunk=cfg.train.task_chunk, skip_nonfinite=on_nonfinite == "skip_step")
     train_chunk = train_chunk.lower(state, train_data).compile()
     compile_s = time.perf_counter() - compile_start
-    log.info("compiled %d meta-steps per call in %.1f s", chunk, compile_s)
+    log.info("compiled in %.1f s; training steps %d..%d", compile_s, start, total)
 
     writer = _tensorboard(run_dir) if cfg.train.tensorboard else None
-    best_score = None
-    pending = []
+    pending, skipped = [], 0
     t0 = time.perf_counter()
     last_log_time, last_log_step = t0, start
     bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=not cfg.train.progress,
@@ -136,6 +154,12 @@ def run(cfg, run_dir: Path) -> Optional[float]:
     step = start
     while step < total:
         state, metrics = train_chunk(state, train_data)
+        bad = np.asarray(metrics["nonfinite"])  # one small host sync per chunk
+        if bad.any():
+            if on_nonfinite == "stop":
+                bar.close()
+                _stop_diverged(run_dir, ckpts, step + int(np.argmax(bad)) + 1, cfg)
+            skipped += int(bad.sum())
         pending.append(metrics)
         step += chunk
         bar.update(chunk)
@@ -146,41 +170,71 @@ def run(cfg, run_dir: Path) -> Optional[float]:
             now = time.perf_counter()
             row = {"step": step, "wall_s": round(wall_offset + now - t0, 3),
                    "steps_per_s": round((step - last_log_step) / max(now - last_log_time, 1e-9), 3)}
-            row.update({f"train/{k}": float(np.mean([m[k] for m in host]))
-                        for k in host[0]})
+            row.update({f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]})
+            if skipped:
+                row["skipped_steps"] = skipped
             last_log_time, last_log_step = now, step
             bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in row.items() if k.startswith("train/")})
         if validator is not None and itstime(step, cfg.train.val_every, total):
-            val = validator(state.params)[validator.inner_steps]
+            val_start = time.perf_counter()
+            val = validator(state.params, state.algo_state)[validator.inner_steps]
             row = row or {"step": step, "wall_s": round(wall_offset + time.perf_counter() - t0, 3)}
             row.update({f"val/{validator.metric}": val["mean"], f"val/{validator.metric}_ci95": val["ci95"]})
-            val_score = score(validator.metric, val["mean"])
-            ckpts.save_scored(state.params, step, val_score)
-            best_score = val_score if best_score is None else max(best_score, val_score)
+            val_score = family.score(val["mean"])
+            if val_score > float(state.best_score):
+                state = sharding.replicate(state._replace(best_score=jnp.float32(val_score),
+                                                          best_step=jnp.int32(step)), mesh)
+            ckpts.save_scored({"params": state.params, "algo_state": state.algo_state}, step, val_score)
+            # Validation (and its first compile) is not training: keep it out of the step rates.
+            val_s = time.perf_counter() - val_start
+            last_log_time += val_s
+            if not bar.disable:
+                bar.start_t += val_s
+                bar.last_print_t += val_s
         if row is not None:
             metrics_log.append(row)
             if writer is not None:
                 for k, v in row.items():
-                    if k != "step":
+                    if k != "step" and v is not None:
                         writer.add_scalar(k, v, step)
         if itstime(step, cfg.train.ckpt_every, total):
             ckpts.save(state, step)
     bar.close()
     train_wall = wall_offset + time.perf_counter() - t0
 
-    params, which = state.params, "last"
+    params, algo_state, which = state.params, state.algo_state, "last"
     if cfg.eval.use_best and validator is not None:
-        best = ckpts.restore_best(state.params)
+        best = ckpts.restore_best({"params": state.params, "algo_state": state.algo_state})
         if best is not None:
-            params, which = best, "best"
-    results = write_results(run_dir, cfg, evaluator, params, {
+            params, algo_state, which = best["params"], best["algo_state"], "best"
+    has_best = int(state.best_step) >= 0
+    results = write_results(run_dir, cfg, evaluator, params, algo_state, {
         "checkpoint": which, "steps": total, "train_wall_s": round(train_wall, 3),
-        "compile_s": round(compile_s, 3), "best_val_score": best_score,
+        "compile_s": round(compile_s, 3), "best_val_score": float(state.best_score) if has_best else None,
+        "best_val_step": int(state.best_step) if has_best else None, "skipped_steps": skipped,
         "val_metric": validator.metric if validator else None})
-    ckpts.close()
     if writer is not None:
         writer.close()
-    message = format_result(results)
-    log.info(message)
-    print(f"{message}\nrun dir: {run_dir}")
-    return best_score if best_score is not None else score(results["metric"], results["mean"])
+    log.info("%s  (run dir: %s)", format_result(results), run_dir)
+    return float(state.best_score) if has_best else results["score"]
+
+
+def _stop_diverged(run_dir: Path, ckpts: Checkpoints, bad_step: int, cfg) -> None:
+    from metarun.report import write_failure
+
+    last = ckpts.latest_step()
+    kept = f"the last finite checkpoint (step {last}) is kept as last and best" if last is not None else \
+        "no checkpoint had been saved yet"
+    lrs = [f"algo.{k}={cfg.algo[k]}" for k in ("inner_lr",) if cfg.algo.get(k) is not None] + [f"meta_opt.lr={cfg.meta_opt.lr}"]
+    error = DivergedError(f"training diverged at step {bad_step} (non-finite loss, gradient or parameters); {kept}; "
+                          f"lower the learning rates ({', '.join(lrs)}) or set train.on_nonfinite=skip_step")
+    write_failure(run_dir, error, _overrides())
+    raise error
+
+
+def _overrides() -> list:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # no Hydra app (a direct call)
+        return []

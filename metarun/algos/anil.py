@@ -1,68 +1,80 @@
 """ANIL (Raghu et al. 2020): MAML whose inner loop adapts only the final linear `head`; the body is learned outside."""
 from __future__ import annotations
 
-import jax
+from dataclasses import dataclass
 
-from metarun.algos.base import MetaAlgorithm
+import jax
+import optax
+
+from metarun.algos.base import Collaborators, MetaAlgorithm
+from metarun.algos.maml import check_inner
+from metarun.errors import UserError
+from metarun.inner import inner_loop
+from metarun.learners import Net
+from metarun.registry import register
 
 HEAD = "head"
 
 
-def anil(learner, objective, inner_lr: float, inner_steps: int, first_order: bool = False) -> MetaAlgorithm:
-    """Builds ANIL over a Flax learner with a final Dense module named `head` (Conv4, MLP).
+def anil(net: Net, objective, inner_lr: float, inner_steps: int, first_order: bool = False, info=None) -> MetaAlgorithm:
+    """Builds ANIL over a learner in a mode whose module has a final Dense named `head` (Conv4, MLP).
 
-    meta_params is the learner's own param tree (checkpoints match MAML's). The body (every
-    module but `head`) embeds the support and query sets once per task; the inner loop then runs
-    plain SGD on the head alone over those fixed features, so an inner step costs one small matmul.
-    The meta-gradient reaches the body through the query features and, via the adapted head,
-    through the support features (second order unless first_order).
-
-    Args:
-      learner: a Flax module with `out_dim` and a `head` submodule.
-      objective: (outputs, y) -> (loss, metrics).
-      inner_lr: the inner SGD step size.
-      inner_steps: inner steps on the head (a lax.scan).
-      first_order: treat the inner gradients as constants.
+    meta_params = {"net": the learner's own params}. The body (every module but `head`) embeds
+    the support and query sets once per task; the one inner loop then runs SGD on the head alone
+    over those fixed features, so an inner step costs one small matmul. The meta-gradient reaches
+    the body through the query features and, via the adapted head, through the support features
+    (second order unless first_order).
     """
-    body = learner.clone(out_dim=None)
+    body = net._replace(module=net.module.clone(out_dim=None))
 
     def split(params):
         return {k: v for k, v in params.items() if k != HEAD}, params[HEAD]
-
-    def embed(params, x):
-        return body.apply({"params": split(params)[0]}, x)
 
     def head_apply(head, features):
         return features @ head["kernel"] + head["bias"]
 
     def init(key, task):
-        params = learner.init(key, task.support.x)["params"]
+        params, _ = net.init(key, task.support.x)
         if HEAD not in params:
-            raise ValueError(f"ANIL needs a learner with a final Dense named '{HEAD}'")
-        return params
+            raise UserError(f"algo=anil needs a learner with a final Dense named '{HEAD}'")
+        return {"net": params}, {}
 
-    def adapt(meta_params, support, key):
-        del key
-        features = embed(meta_params, support.x)
+    def adapt(meta_params, algo_state, support, key):
+        del key, algo_state
+        trunk, head = split(meta_params["net"])
+        features = body.apply(trunk, support.x)
 
-        def inner_step(head, _):
-            grads = jax.grad(lambda h: objective(head_apply(h, features), support.y)[0])(head)
-            if first_order:
-                grads = jax.lax.stop_gradient(grads)
-            return jax.tree.map(lambda p, g: p - inner_lr * g, head, grads), None
+        def step_loss(h, step, _):
+            return objective(head_apply(h, features), support.y, support.mask)[0], None
 
-        head, _ = jax.lax.scan(inner_step, split(meta_params)[1], None, length=inner_steps)
-        return head
+        head, *_ = inner_loop(step_loss, head, optax.sgd(inner_lr), inner_steps, first_order=first_order)
+        return {"head": head, "support_x": support.x}
 
-    def loss(meta_params, head, query, key):
-        del key
-        return objective(head_apply(head, embed(meta_params, query.x)), query.y)
+    def loss(meta_params, algo_state, task_state, query, key):
+        del key, algo_state
+        trunk, _ = split(meta_params["net"])
+        features = body.apply_query(trunk, query.x, task_state["support_x"])
+        return objective(head_apply(task_state["head"], features), query.y, query.mask)
 
-    return MetaAlgorithm(init=init, adapt=adapt, loss=loss)
+    return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})
 
 
-def from_config(cfg, learner, objective, phase: str) -> MetaAlgorithm:
-    """ANIL from `cfg.algo`; phase 'eval' uses the test-time inner steps."""
-    a = cfg.algo
-    steps = a.eval_inner_steps if phase == "eval" else a.inner_steps
-    return anil(learner, objective, a.inner_lr, steps, a.first_order)
+@dataclass
+class ANILConfig:
+    name: str = "anil"
+    inner_lr: float = 0.4
+    inner_steps: int = 1
+    eval_inner_steps: int = 3
+    first_order: bool = False
+
+
+@register("algo", "anil", schema=ANILConfig)
+def build(a, c: Collaborators) -> MetaAlgorithm:
+    check_inner(a)
+    if getattr(c.learner_cfg.get("batch_norm"), "value", c.learner_cfg.get("batch_norm")) == "running":
+        raise UserError("algo=anil supports learner.batch_norm=transductive or none (running statistics: algo=maml)")
+    steps = c.inner_steps if c.inner_steps is not None else (a.inner_steps if c.train else a.eval_inner_steps)
+    info = {"name": "anil", "first_order": bool(a.first_order), "inner_lr": a.inner_lr, "inner_steps": a.inner_steps,
+            "eval_inner_steps": a.eval_inner_steps, "inner_optimizer": "sgd", "adapted": "head"}
+    net = Net(c.learner(c.family.head_dim(c.phase)), c.train, c.transductive)
+    return anil(net, c.family.objective, a.inner_lr, steps, a.first_order, info)

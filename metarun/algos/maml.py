@@ -1,49 +1,41 @@
-"""MAML (Finn et al. 2017) and first-order MAML: inner SGD on the support set, outer loss on the query."""
+"""MAML (Finn et al. 2017), first-order MAML, and the MAML++ options (Antoniou et al. 2019) as one algorithm."""
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from metarun.algos.base import MetaAlgorithm
+from metarun.algos.base import STATE_UPDATES, Collaborators, MetaAlgorithm
+from metarun.errors import UserError
+from metarun.inner import inner_loop, scale_by_per_step_rates
+from metarun.learners import Net
+from metarun.registry import register
 
 
-def maml(learner, objective, inner_lr: float, inner_steps: int, first_order: bool = False) -> MetaAlgorithm:
-    """Builds MAML over a Flax learner.
+@dataclass(frozen=True)
+class MAMLPlusPlus:
+    """MAML++'s options; all off is plain MAML.
 
-    Args:
-      learner: a Flax module mapping inputs to outputs; its params are the meta-parameters.
-      objective: (outputs, y) -> (loss, metrics).
-      inner_lr: the inner SGD step size alpha.
-      inner_steps: inner SGD steps on the support set (a lax.scan, so the step compiles once).
-      first_order: treat inner gradients as constants (FOMAML): no second derivatives.
+    msl: multi-step loss: the query loss after every inner step, weighted uniformly, or with
+      `msl_last_weight` on the last step, or annealed towards the last step over `msl_anneal_steps`.
+    first_order_steps: first-order inner gradients for meta-steps below this, second order after.
+    lslr: learned per-layer (per param tensor), per-step inner learning rates, initialised to inner_lr.
+    per_step_bn: per-step BatchNorm scale/bias (BNWB), meta-learned and not adapted in the inner loop;
+      with learner.batch_norm=running the running statistics are per step too (BNRS).
     """
+    msl: bool = False
+    msl_anneal_steps: int = 0
+    msl_last_weight: Optional[float] = None
+    first_order_steps: int = 0
+    lslr: bool = False
+    per_step_bn: bool = False
 
-    def apply_fn(params, x):
-        return learner.apply({"params": params}, x)
-
-    def init(key, task):
-        return learner.init(key, task.support.x)["params"]
-
-    def support_loss(params, support):
-        return objective(apply_fn(params, support.x), support.y)[0]
-
-    def adapt(meta_params, support, key):
-        del key
-
-        def inner_step(params, _):
-            grads = jax.grad(support_loss)(params, support)
-            if first_order:
-                grads = jax.lax.stop_gradient(grads)
-            return jax.tree.map(lambda p, g: p - inner_lr * g, params, grads), None
-
-        adapted, _ = jax.lax.scan(inner_step, meta_params, None, length=inner_steps)
-        return adapted
-
-    def loss(meta_params, adapted, query, key):
-        del meta_params, key
-        return objective(apply_fn(adapted, query.x), query.y)
-
-    return MetaAlgorithm(init=init, adapt=adapt, loss=loss)
+    @property
+    def any(self) -> bool:
+        return any(asdict(self).values())
 
 
 def msl_weights(inner_steps: int, meta_step, anneal_steps: int):
@@ -57,103 +49,163 @@ def msl_weights(inner_steps: int, meta_step, anneal_steps: int):
     return jnp.full((n,), rest).at[-1].set(last)
 
 
-def mamlpp(learner, objective, inner_lr: float, inner_steps: int, first_order: bool = False, msl: bool = False,
-           msl_last_weight=None, lslr: bool = False, per_step_bn: bool = False, rate_steps=None,
-           msl_anneal_steps: int = 0, first_order_steps: int = 0, meta_step=None) -> MetaAlgorithm:
-    """MAML with MAML++ options (Antoniou et al. 2019); with every option off it computes what `maml` does.
+def fixed_msl_weights(inner_steps: int, last_weight: Optional[float]):
+    if last_weight is None or inner_steps == 1:
+        return jnp.full((inner_steps,), 1.0 / inner_steps)
+    rest = (1.0 - last_weight) / (inner_steps - 1)
+    return jnp.full((inner_steps,), rest).at[-1].set(last_weight)
 
-    meta_params = {"net": params[, "lslr": rates][, "bn": per-step BN params]}.
+
+def per_step_updates(stats_trace, steps: int):
+    """Running statistics after an inner loop: copy i of every leaf from the forward pass of step i.
+
+    stats_trace leaves are [steps, copies, C]; each step's pass updated only its own copy."""
+    def pick(a):
+        copies = a.shape[1]
+        n = min(steps, copies)
+        return a[-1].at[:n].set(a[jnp.arange(n), jnp.arange(n)])
+    return jax.tree.map(pick, stats_trace)
+
+
+def maml(net: Net, objective, inner_lr: float, inner_steps: int, first_order: bool = False,
+         options: MAMLPlusPlus = MAMLPlusPlus(), rate_steps: Optional[int] = None, meta_step=None,
+         info=None) -> MetaAlgorithm:
+    """Builds MAML over a learner in a mode (`net`).
+
+    meta_params = {"net": params[, "lslr": rates][, "bn": per-step BN params]};
+    algo_state = {"batch_stats": running statistics} when the learner keeps them, else {}.
 
     Args:
-      msl: multi-step loss: the query loss after every inner step, weighted: fixed (uniform, or
-        `msl_last_weight` on the last step and the rest shared by the others) or annealed by the
-        meta-step (msl_anneal_steps).
-      lslr: learned per-layer (per param tensor), per-step inner learning rates, initialised to inner_lr.
-      per_step_bn: per-step BatchNorm scale/bias (BNWB), meta-learned and not adapted in the inner
-        loop. Per-step running statistics (BNRS) do not apply: BatchNorm here always uses the
-        statistics of the batch it sees.
-      rate_steps: how many per-step rates / BN copies to hold (the training inner steps); a longer
-        test-time inner loop reuses the last.
-      msl_anneal_steps: >0 anneals the MSL weights (msl_weights) by the meta-step.
-      first_order_steps: first-order inner gradients for meta-steps below this, second order after.
-      meta_step: the training step these settings are for; the trainer supplies it through at_step.
+      net: the learner and its mode (train / eval, transductive query scoring).
+      objective: (outputs, y, mask) -> (loss, metrics), from the task family.
+      inner_lr: the inner SGD step size alpha (LSLR's initial rate).
+      inner_steps: inner steps on the support set (one lax.scan: metarun.inner.inner_loop).
+      first_order: treat inner gradients as constants (FOMAML).
+      options: MAML++ options (MAMLPlusPlus).
+      rate_steps: per-step rates / BN copies held (the training inner steps); a longer test-time
+        loop reuses the last.
+      meta_step: the training step the annealed options are for; the trainer supplies it via at_step.
     """
+    o = options
     rate_steps = rate_steps or inner_steps
-
-    def apply_fn(params, x):
-        return learner.apply({"params": params}, x)
+    msl = o.msl and net.train
 
     def at(tree, step):
         i = jnp.minimum(step, rate_steps - 1)
         return jax.tree.map(lambda a: a[i], tree)
 
     def full(meta_params, fast, step):
-        return {**fast, **at(meta_params["bn"], step)} if per_step_bn else fast
+        return {**fast, **at(meta_params["bn"], step)} if o.per_step_bn else fast
 
     def init(key, task):
-        params = learner.init(key, task.support.x)["params"]
-        bn = {k: v for k, v in params.items() if per_step_bn and k.startswith("norm")}
-        if per_step_bn and not bn:
-            raise ValueError("per_step_bn needs BatchNorm layers (learner.batch_norm=transductive)")
+        params, stats = net.init(key, task.support.x)
+        bn = {k: v for k, v in params.items() if o.per_step_bn and k.startswith("norm")}
+        if o.per_step_bn and not bn:
+            raise UserError("algo.per_step_bn needs BatchNorm layers (learner.batch_norm=transductive or running)")
         meta = {"net": {k: v for k, v in params.items() if k not in bn}}
-        if per_step_bn:
+        if o.per_step_bn:
             meta["bn"] = jax.tree.map(lambda a: jnp.stack([a] * rate_steps), bn)
-        if lslr:
+        if o.lslr:
             meta["lslr"] = jax.tree.map(lambda a: jnp.full((rate_steps,), inner_lr, a.dtype), meta["net"])
-        return meta
+        return meta, ({"batch_stats": stats} if stats else {})
 
-    def query_loss(meta_params, fast, step, query):
-        return objective(apply_fn(full(meta_params, fast, step), query.x), query.y)
+    def forward(meta_params, algo_state, fast, step, x):
+        """Outputs and updated running statistics (training with running BatchNorm only)."""
+        stats = algo_state.get("batch_stats")
+        if net.train and stats:
+            return net.apply_updating(full(meta_params, fast, step), x, stats, step)
+        return net.apply(full(meta_params, fast, step), x, stats, step), None
 
-    def adapt(meta_params, support, key):
+    def adapt(meta_params, algo_state, support, key):
         del key
 
-        def inner_step(fast, step):
-            grads = jax.grad(lambda f: query_loss(meta_params, f, step, support)[0])(fast)
-            if first_order:
-                grads = jax.lax.stop_gradient(grads)
-            elif first_order_steps and meta_step is not None:
-                # Annealed order: the stop_gradient branch is taken while meta_step < first_order_steps.
-                grads = jax.lax.cond(meta_step < first_order_steps, jax.lax.stop_gradient, lambda g: g, grads)
-            rates = at(meta_params["lslr"], step) if lslr else jax.tree.map(lambda _: inner_lr, fast)
-            fast = jax.tree.map(lambda p, r, g: p - r * g, fast, rates, grads)
-            return fast, fast if msl else None
+        def step_loss(fast, step, _):
+            out, new_stats = forward(meta_params, algo_state, fast, step, support.x)
+            return objective(out, support.y, support.mask)[0], new_stats
 
-        fast, trace = jax.lax.scan(inner_step, meta_params["net"], jnp.arange(inner_steps))
-        return trace if msl else fast
+        opt = scale_by_per_step_rates(meta_params["lslr"]) if o.lslr else optax.sgd(inner_lr)
+        order = first_order
+        if not first_order and o.first_order_steps and meta_step is not None:
+            order = meta_step < o.first_order_steps  # traced: the annealed switch to second order
+        fast, _, stats_trace, path = inner_loop(step_loss, meta_params["net"], opt, inner_steps,
+                                                first_order=order, trace=msl)
+        task_state = {"params": path if msl else fast, "support_x": support.x}
+        if stats_trace is not None and inner_steps > 0:
+            task_state["batch_stats"] = per_step_updates(stats_trace, inner_steps)
+        return task_state
 
-    def loss(meta_params, state, query, key):
+    def query_loss(meta_params, algo_state, fast, step, query, support_x):
+        out = net.apply_query(full(meta_params, fast, step), query.x, support_x, algo_state.get("batch_stats"), step)
+        return objective(out, query.y, query.mask)
+
+    def loss(meta_params, algo_state, task_state, query, key):
         del key
+        last = max(inner_steps - 1, 0)
         if not msl:
-            return query_loss(meta_params, state, inner_steps - 1, query)
-        losses, metrics = jax.vmap(lambda f, s: query_loss(meta_params, f, s, query))(state, jnp.arange(inner_steps))
-        if msl_anneal_steps and meta_step is not None:
-            weights = msl_weights(inner_steps, meta_step, msl_anneal_steps)
-        elif msl_last_weight is None or inner_steps == 1:
-            weights = jnp.full((inner_steps,), 1.0 / inner_steps)
+            total, metrics = query_loss(meta_params, algo_state, task_state["params"], last, query,
+                                        task_state["support_x"])
         else:
-            rest = (1.0 - msl_last_weight) / (inner_steps - 1)
-            weights = jnp.full((inner_steps,), rest).at[-1].set(msl_last_weight)
-        total = jnp.dot(weights, losses)
-        return total, {**jax.tree.map(lambda m: m[-1], metrics), "msl_loss": total}
+            losses, per_step = jax.vmap(
+                lambda f, s: query_loss(meta_params, algo_state, f, s, query, task_state["support_x"]))(
+                task_state["params"], jnp.arange(inner_steps))
+            if o.msl_anneal_steps and meta_step is not None:
+                weights = msl_weights(inner_steps, meta_step, o.msl_anneal_steps)
+            else:
+                weights = fixed_msl_weights(inner_steps, o.msl_last_weight)
+            total = jnp.dot(weights, losses)
+            metrics = {**jax.tree.map(lambda m: m[-1], per_step), "msl_loss": total}
+        if "batch_stats" in task_state:
+            metrics = {**metrics, STATE_UPDATES: {"batch_stats": task_state["batch_stats"]}}
+        return total, metrics
 
-    annealed = (msl and msl_anneal_steps) or (first_order_steps and not first_order)
+    annealed = (msl and o.msl_anneal_steps) or (o.first_order_steps and not first_order)
     at_step = None
     if annealed and meta_step is None:
-        at_step = lambda step: mamlpp(  # noqa: E731
-            learner, objective, inner_lr, inner_steps, first_order, msl, msl_last_weight, lslr, per_step_bn,
-            rate_steps, msl_anneal_steps, first_order_steps, meta_step=step)
-    return MetaAlgorithm(init=init, adapt=adapt, loss=loss, at_step=at_step)
+        at_step = lambda step: maml(net, objective, inner_lr, inner_steps, first_order, options,  # noqa: E731
+                                    rate_steps, meta_step=step, info=info)
+    return MetaAlgorithm(init=init, adapt=adapt, loss=loss, at_step=at_step, info=info or {})
 
 
-def from_config(cfg, learner, objective, phase: str) -> MetaAlgorithm:
-    """MAML from `cfg.algo` (MAML++ when any of its options is on); phase 'eval' uses the test-time inner steps."""
-    steps = cfg.algo.eval_inner_steps if phase == "eval" else cfg.algo.inner_steps
-    a = cfg.algo
-    msl = a.get("msl", False) and phase != "eval"
-    annealed_order = a.get("first_order_steps", 0) and phase != "eval"
-    if msl or annealed_order or a.get("lslr", False) or a.get("per_step_bn", False):
-        return mamlpp(learner, objective, a.inner_lr, steps, a.first_order, msl, a.get("msl_last_weight"),
-                      a.get("lslr", False), a.get("per_step_bn", False), a.inner_steps,
-                      a.get("msl_anneal_steps", 0), a.get("first_order_steps", 0) if phase != "eval" else 0)
-    return maml(learner, objective, cfg.algo.inner_lr, steps, cfg.algo.first_order)
+@dataclass
+class MAMLConfig:
+    name: str = "maml"
+    inner_lr: float = 0.4
+    inner_steps: int = 1
+    eval_inner_steps: int = 3
+    first_order: bool = False
+    # MAML++ (Antoniou et al. 2019) options; all off = plain MAML. See MAMLPlusPlus.
+    msl: bool = False
+    msl_anneal_steps: int = 0
+    first_order_steps: int = 0
+    msl_last_weight: Optional[float] = None
+    lslr: bool = False
+    per_step_bn: bool = False
+
+
+def check_inner(a) -> None:
+    """One-line errors for the inner-loop keys every gradient-based algorithm has."""
+    for key in ("inner_steps", "eval_inner_steps"):
+        if a.get(key) is not None and a[key] < 0:
+            raise UserError(f"algo.{key}={a[key]} must be >= 0")
+    if a.get("inner_lr") is not None and not a.inner_lr > 0:
+        raise UserError(f"algo.inner_lr={a.inner_lr} must be > 0")
+
+
+@register("algo", "fomaml")
+@register("algo", "maml", schema=MAMLConfig)
+def build(a, c: Collaborators) -> MetaAlgorithm:
+    """MAML from its config section; the eval build uses the test-time inner steps."""
+    check_inner(a)
+    options = MAMLPlusPlus(msl=a.msl, msl_anneal_steps=a.msl_anneal_steps, msl_last_weight=a.msl_last_weight,
+                           first_order_steps=a.first_order_steps if c.train else 0, lslr=a.lslr,
+                           per_step_bn=a.per_step_bn)
+    steps = c.inner_steps if c.inner_steps is not None else (a.inner_steps if c.train else a.eval_inner_steps)
+    overrides = {}
+    if getattr(c.learner_cfg.get("batch_norm"), "value", c.learner_cfg.get("batch_norm")) == "running":
+        overrides["bn_steps"] = a.inner_steps if a.per_step_bn else 1
+    net = Net(c.learner(c.family.head_dim(c.phase), **overrides), c.train, c.transductive)
+    variant = "maml++" if options.any else ("fomaml" if a.first_order else "maml")
+    info = {"name": a.name, "variant": variant, "first_order": bool(a.first_order), "inner_lr": a.inner_lr,
+            "inner_steps": a.inner_steps, "eval_inner_steps": a.eval_inner_steps, "inner_optimizer": "sgd",
+            **({"maml++": asdict(options)} if options.any else {})}
+    return maml(net, c.family.objective, a.inner_lr, steps, a.first_order, options, a.inner_steps, info=info)

@@ -5,9 +5,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from metarun.algos.base import MetaAlgorithm
-from metarun.algos.protonet import check_classification, phase_ways, squared_distances
+from dataclasses import dataclass
+
+from metarun.algos.base import Collaborators, MetaAlgorithm
+from metarun.algos.protonet import check_metric_learner, squared_distances
 from metarun.errors import UserError
+from metarun.learners import Net
+from metarun.registry import register
 
 DISTANCES = ("cosine", "l2")
 
@@ -70,8 +74,8 @@ class QueryContext(nn.Module):
         return h_hat + queries
 
 
-def matchingnet(embedding, objective, ways: int, fce: bool = False, fce_steps: int = 5,
-                distance: str = "cosine") -> MetaAlgorithm:
+def matchingnet(embedding: Net, objective, ways: int, fce: bool = False, fce_steps: int = 5,
+                distance: str = "cosine", info=None) -> MetaAlgorithm:
     """Builds Matching Networks over an embedding network; no inner gradient steps.
 
     `adapt` embeds the support set (the support bank; with FCE, re-embedded by a bidirectional
@@ -82,7 +86,7 @@ def matchingnet(embedding, objective, ways: int, fce: bool = False, fce_steps: i
     transductive BatchNorm normalises support and query each with their own batch statistics.
 
     Args:
-      embedding: a Flax module mapping images [n, H, W, C] to embeddings [n, d] (no head).
+      embedding: a learner in a mode mapping images [n, H, W, C] to embeddings [n, d] (no head).
       objective: (logits, labels) -> (loss, metrics); it receives log-probabilities.
       ways: classes per episode in this phase (labels 0..ways-1).
       fce: full context embeddings (Vinyals et al. appendix A.2).
@@ -95,34 +99,46 @@ def matchingnet(embedding, objective, ways: int, fce: bool = False, fce_steps: i
 
     def init(key, task):
         k_embed, k_g, k_f = jax.random.split(key, 3)
-        params = {"embed": embedding.init(k_embed, task.support.x)["params"]}
+        params = {"net": embedding.init(k_embed, task.support.x)[0]}
         if fce:
-            z = embedding.apply({"params": params["embed"]}, task.support.x)
+            z = embedding.apply(params["net"], task.support.x)
             params["fce_g"] = support_context.init(k_g, z)["params"]
             params["fce_f"] = query_context.init(k_f, z, z)["params"]
-        return params
+        return params, {}
 
-    def adapt(meta_params, support, key):
-        del key
-        bank = embedding.apply({"params": meta_params["embed"]}, support.x)
+    def adapt(meta_params, algo_state, support, key):
+        del key, algo_state
+        bank = embedding.apply(meta_params["net"], support.x)
         if fce:
             bank = support_context.apply({"params": meta_params["fce_g"]}, bank)
-        return bank, jax.nn.one_hot(support.y, ways)
+        return {"bank": bank, "support_one_hot": jax.nn.one_hot(support.y, ways), "support_x": support.x}
 
-    def loss(meta_params, task_state, query, key):
-        del key
-        bank, support_one_hot = task_state
-        queries = embedding.apply({"params": meta_params["embed"]}, query.x)
+    def loss(meta_params, algo_state, task_state, query, key):
+        del key, algo_state
+        bank = task_state["bank"]
+        queries = embedding.apply_query(meta_params["net"], query.x, task_state["support_x"])
         if fce:
             queries = query_context.apply({"params": meta_params["fce_f"]}, queries, bank)
-        log_probs = class_log_probs(attention_logits(queries, bank, distance), support_one_hot)
+        log_probs = class_log_probs(attention_logits(queries, bank, distance), task_state["support_one_hot"])
         return objective(log_probs, query.y)
 
-    return MetaAlgorithm(init=init, adapt=adapt, loss=loss)
+    return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})
 
 
-def from_config(cfg, learner, objective, phase: str) -> MetaAlgorithm:
+@dataclass
+class MatchingNetConfig:
+    name: str = "matchingnet"
+    fce: bool = False        # full context embeddings (bidirectional LSTM + attention LSTM)
+    fce_steps: int = 5       # processing steps K of the attention LSTM (used only when fce)
+    distance: str = "cosine" # cosine (the paper) | l2 (negative squared Euclidean distance)
+
+
+@register("algo", "matchingnet", schema=MatchingNetConfig)
+def build(a, c: Collaborators) -> MetaAlgorithm:
     """Matching Networks over the head-less learner, with `algo.fce`, `algo.fce_steps`, `algo.distance`."""
-    check_classification(cfg)
-    return matchingnet(learner, objective, phase_ways(cfg, phase), cfg.algo.fce, cfg.algo.fce_steps,
-                       cfg.algo.distance)
+    check_metric_learner("matchingnet", c)
+    if a.fce_steps < 1:
+        raise UserError(f"algo.fce_steps={a.fce_steps} must be >= 1")
+    net = Net(c.learner(None), c.train, c.transductive)
+    info = {"name": "matchingnet", "distance": a.distance, "fce": bool(a.fce), "fce_steps": a.fce_steps}
+    return matchingnet(net, c.family.objective, c.family.ways(c.phase), a.fce, a.fce_steps, a.distance, info)

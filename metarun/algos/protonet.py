@@ -1,22 +1,23 @@
 """Prototypical Networks (Snell et al. 2017): class means of support embeddings; logits = -squared distance."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 
-from metarun.algos.base import MetaAlgorithm
+from metarun.algos.base import Collaborators, MetaAlgorithm
 from metarun.errors import UserError
+from metarun.learners import Net
+from metarun.registry import register
 
 
-def phase_ways(cfg, phase: str) -> int:
-    """Classes per episode: task.ways in training, task.test_ways (or ways) in evaluation."""
-    return (cfg.task.test_ways or cfg.task.ways) if phase == "eval" else cfg.task.ways
-
-
-def check_classification(cfg) -> None:
-    if cfg.dataset.kind != "classification":
-        raise UserError(f"algo={cfg.algo.name} is a metric learner for classification; "
-                        f"dataset={cfg.dataset.name} is {cfg.dataset.kind}")
+def check_metric_learner(name: str, c: Collaborators) -> None:
+    """Metric learners classify by comparing embeddings: classification families, no running statistics."""
+    if c.family.kind != "classification":
+        raise UserError(f"algo={name} is a metric learner for classification; dataset={c.family.name} is {c.family.kind}")
+    if getattr(c.learner_cfg.get("batch_norm"), "value", c.learner_cfg.get("batch_norm")) == "running":
+        raise UserError(f"algo={name} supports learner.batch_norm=transductive or none")
 
 
 def class_means(embeddings: jax.Array, labels: jax.Array, ways: int) -> jax.Array:
@@ -32,40 +33,46 @@ def squared_distances(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.square(a[:, None, :] - b[None, :, :]).sum(-1)
 
 
-def protonet(embedding, objective, ways: int) -> MetaAlgorithm:
+def protonet(embedding: Net, objective, ways: int, info=None) -> MetaAlgorithm:
     """Builds a Prototypical Network over an embedding network; no inner gradient steps.
 
     `adapt` embeds the support set and averages each class (the prototypes); `loss` is the
     objective (cross-entropy) on logits = minus the squared Euclidean distance of each query
-    embedding to each prototype. With the Conv-4 embedding's transductive BatchNorm, support
-    and query are each normalised with their own batch statistics (no running statistics).
+    embedding to each prototype. With transductive BatchNorm, support and query are each
+    normalised with their own batch statistics.
 
     Args:
-      embedding: a Flax module mapping images [n, H, W, C] to embeddings [n, d] (no head).
-      objective: (logits, labels) -> (loss, metrics), e.g. the classification objective.
-      ways: classes per episode in this phase; labels are 0..ways-1. Training ways may exceed
-        test ways (the paper trains 60-way for 5- and 20-way tests): build one per phase.
+      embedding: a learner in a mode mapping images [n, H, W, C] to embeddings [n, d] (no head).
+      objective: (logits, labels, mask) -> (loss, metrics), from the task family.
+      ways: classes per episode in this phase; training ways may exceed test ways (the paper
+        trains 60-way for 5- and 20-way tests): one build per phase.
     """
 
-    def embed(params, x):
-        return embedding.apply({"params": params}, x)
-
     def init(key, task):
-        return embedding.init(key, task.support.x)["params"]
+        params, _ = embedding.init(key, task.support.x)
+        return {"net": params}, {}
 
-    def adapt(meta_params, support, key):
-        del key
-        return class_means(embed(meta_params, support.x), support.y, ways)
+    def adapt(meta_params, algo_state, support, key):
+        del key, algo_state
+        return {"prototypes": class_means(embedding.apply(meta_params["net"], support.x), support.y, ways),
+                "support_x": support.x}
 
-    def loss(meta_params, prototypes, query, key):
-        del key
-        logits = -squared_distances(embed(meta_params, query.x), prototypes)
-        return objective(logits, query.y)
+    def loss(meta_params, algo_state, task_state, query, key):
+        del key, algo_state
+        queries = embedding.apply_query(meta_params["net"], query.x, task_state["support_x"])
+        return objective(-squared_distances(queries, task_state["prototypes"]), query.y)
 
-    return MetaAlgorithm(init=init, adapt=adapt, loss=loss)
+    return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})
 
 
-def from_config(cfg, learner, objective, phase: str) -> MetaAlgorithm:
-    """ProtoNet over the head-less learner (an embedding); `ways` follows the phase's episodes."""
-    check_classification(cfg)
-    return protonet(learner, objective, phase_ways(cfg, phase))
+@dataclass
+class ProtoNetConfig:
+    """Prototypical Networks: no hyperparameters beyond the episode shapes (task.ways > test_ways is fine)."""
+    name: str = "protonet"
+
+
+@register("algo", "protonet", schema=ProtoNetConfig)
+def build(a, c: Collaborators) -> MetaAlgorithm:
+    check_metric_learner("protonet", c)
+    net = Net(c.learner(None), c.train, c.transductive)
+    return protonet(net, c.family.objective, c.family.ways(c.phase), {"name": "protonet", "distance": "squared l2"})

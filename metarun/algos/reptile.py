@@ -1,94 +1,120 @@
 """Reptile (Nichol et al. 2018): k steps of Adam/SGD on the task, then move the initialisation toward the result."""
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
-import optax
 
-from metarun.algos.base import MetaAlgorithm
+from metarun.algos.base import Collaborators, MetaAlgorithm, mean_over_tasks
+from metarun.algos.maml import check_inner
+from metarun.errors import UserError
+from metarun.inner import inner_loop, make_inner_opt, minibatch_indices
+from metarun.learners import Net
+from metarun.registry import register
 
-
-def minibatch_indices(key, n: int, batch: Optional[int], steps: int) -> jax.Array:
-    """[steps, batch] indices into n examples: shuffled passes without replacement (supervised-reptile's
-    `_mini_batches`); batch=None or >= n gives the whole set at every step."""
-    if batch is None or batch >= n:
-        return jnp.broadcast_to(jnp.arange(n), (steps, n))
-    passes = math.ceil(steps * batch / n)
-    perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, passes))
-    return perms.reshape(-1)[: steps * batch].reshape(steps, batch)
+INNER_STATES = ("carry", "fresh")
 
 
-def reptile(learner, objective, inner_lr: float, inner_steps: int, inner_opt: str = "adam",
-            inner_beta1: float = 0.0, inner_batch: Optional[int] = None, transductive: bool = True) -> MetaAlgorithm:
-    """Builds Reptile over a Flax learner.
+def reptile(net: Net, objective, inner_lr: float, inner_steps: int, inner_opt: str = "adam",
+            inner_beta1: float = 0.0, inner_batch: Optional[int] = None, inner_state: str = "carry",
+            info=None) -> MetaAlgorithm:
+    """Builds Reptile over a learner in a mode.
 
-    `meta_grad` returns θ − φ (θ: the initialisation, φ: the weights after `inner_steps` of the
-    inner optimiser on the support set). The trainer averages it over the meta-batch and an
-    `optax.sgd(ε)` outer step then gives θ + ε·mean(φ − θ), Reptile's batched interpolation; the
-    paper's ε annealed linearly from 1 to 0 is meta_opt=sgd, lr=1.0, schedule=linear, end_lr_fraction=0.
+    The meta-gradient is θ − φ (θ: the initialisation, φ: the weights after `inner_steps` of the
+    inner optimiser on the support set); an `optax.sgd(ε)` outer step then gives θ + ε·mean(φ − θ),
+    Reptile's batched interpolation (the paper's ε annealed linearly from 1 to 0 is meta_opt=sgd,
+    lr=1.0, schedule=linear, end_lr_fraction=0).
+
+    inner_state="carry" is the authors' code (supervised-reptile): one inner Adam whose moments and
+    step count live on across tasks — the tasks of a meta-batch are adapted one after another, each
+    starting from the moments the previous one left — and evaluation starts every test task from the
+    trained moments (its changes are not kept). The moments are algo_state["inner_opt"].
+    inner_state="fresh" starts the optimiser afresh per task (the tasks of a meta-batch in parallel).
 
     Args:
-      learner: a Flax module; its params are the meta-parameters.
-      objective: (outputs, y) -> (loss, metrics).
-      inner_lr: step size of the inner optimiser.
-      inner_steps: inner optimiser steps (a lax.scan, so it compiles once).
-      inner_opt: 'adam' (the paper's; with beta1=inner_beta1) or 'sgd'. Its state starts afresh per
-        task (supervised-reptile's TF Adam kept its moments across tasks; here the interface has no
-        place for them).
+      inner_opt: 'adam' (the paper's; with beta1=inner_beta1) or 'sgd'.
       inner_batch: examples per inner step, drawn in shuffled passes over the support set; None = all.
-      transductive: score the query set as one batch (batch-norm statistics over the queries, the
-        paper's "transductive" setting); False scores each query example in a batch with the support
-        set only, one at a time (the paper's non-transductive evaluation). Without batch norm the two agree.
     """
-    if inner_opt == "adam":
-        opt = optax.adam(inner_lr, b1=inner_beta1)
-    elif inner_opt == "sgd":
-        opt = optax.sgd(inner_lr)
-    else:
-        raise ValueError(f"inner_opt={inner_opt!r}: expected 'adam' or 'sgd'")
-
-    def apply_fn(params, x):
-        return learner.apply({"params": params}, x)
+    opt = make_inner_opt(inner_opt, inner_lr, inner_beta1)
+    carry = inner_state == "carry"
 
     def init(key, task):
-        return learner.init(key, task.support.x)["params"]
+        params, _ = net.init(key, task.support.x)
+        return {"net": params}, ({"inner_opt": opt.init(params)} if carry else {})
 
-    def adapt(meta_params, support, key):
+    def run_inner(theta, opt_state, support, key):
         idx = minibatch_indices(key, support.y.shape[0], inner_batch, inner_steps)
 
-        def inner_step(carry, batch_idx):
-            params, opt_state = carry
-            batch = jax.tree.map(lambda a: a[batch_idx], support)
-            grads = jax.grad(lambda p: objective(apply_fn(p, batch.x), batch.y)[0])(params)
-            updates, opt_state = opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), None
+        def step_loss(params, step, batch_idx):
+            batch = jax.tree.map(lambda a: None if a is None else a[batch_idx], support)
+            return objective(net.apply(params, batch.x, step=step), batch.y, batch.mask)[0], None
 
-        (adapted, _), _ = jax.lax.scan(inner_step, (meta_params, opt.init(meta_params)), idx)
-        return {"params": adapted, "support": support}
+        phi, opt_state, *_ = inner_loop(step_loss, theta, opt, inner_steps, opt_state=opt_state, xs=idx,
+                                        first_order=True)
+        return phi, opt_state
 
-    def loss(meta_params, state, query, key):
-        del meta_params, key
-        params = state["params"]
-        if transductive:
-            return objective(apply_fn(params, query.x), query.y)
-        support_x = state["support"].x
-        one = lambda x: apply_fn(params, jnp.concatenate([support_x, x[None]]))[-1]  # noqa: E731
-        return objective(jax.vmap(one)(query.x), query.y)
+    def adapt(meta_params, algo_state, support, key):
+        phi, _ = run_inner(meta_params["net"], algo_state.get("inner_opt"), support, key)
+        return {"params": phi, "support_x": support.x}
 
-    def meta_grad(meta_params, task, key):
-        adapt_key, loss_key = jax.random.split(key)
-        state = adapt(meta_params, task.support, adapt_key)
-        _, metrics = loss(meta_params, state, task.query, loss_key)
-        return jax.tree.map(lambda t, p: t - p, meta_params, state["params"]), metrics
+    def loss(meta_params, algo_state, task_state, query, key):
+        del meta_params, algo_state, key
+        out = net.apply_query(task_state["params"], query.x, task_state["support_x"])
+        return objective(out, query.y, query.mask)
 
-    return MetaAlgorithm(init=init, adapt=adapt, loss=loss, meta_grad=meta_grad)
+    def one_task(theta, opt_state, task, key):
+        adapt_key, _ = jax.random.split(key)
+        phi, opt_state = run_inner(theta, opt_state, task.support, adapt_key)
+        _, metrics = objective(net.apply(phi, task.query.x), task.query.y, task.query.mask)
+        return jax.tree.map(lambda t, p: t - p, theta, phi), opt_state, metrics
+
+    def meta_step(meta_params, algo_state, tasks, key, map_tasks):
+        theta = meta_params["net"]
+        keys = jax.random.split(key, jax.tree.leaves(tasks)[0].shape[0])
+        if carry:
+            def body(opt_state, task_key):
+                diff, opt_state, metrics = one_task(theta, opt_state, *task_key)
+                return opt_state, (diff, metrics)
+            opt_state, (diffs, metrics) = jax.lax.scan(body, algo_state["inner_opt"], (tasks, keys))
+            algo_state = {**algo_state, "inner_opt": opt_state}
+        else:
+            diffs, _, metrics = map_tasks(lambda t, k: one_task(theta, None, t, k), tasks, keys)
+        return {"net": mean_over_tasks(diffs)}, algo_state, mean_over_tasks(metrics)
+
+    return MetaAlgorithm(init=init, adapt=adapt, loss=loss, meta_step=meta_step, info=info or {})
 
 
-def from_config(cfg, learner, objective, phase: str) -> MetaAlgorithm:
-    """Reptile from `cfg.algo`; phase 'eval' uses the test-time inner steps and batch."""
-    a = cfg.algo
-    steps, batch = (a.eval_inner_steps, a.eval_inner_batch) if phase == "eval" else (a.inner_steps, a.inner_batch)
-    return reptile(learner, objective, a.inner_lr, steps, a.inner_opt, a.inner_beta1, batch, a.transductive)
+@dataclass
+class ReptileConfig:
+    name: str = "reptile"
+    inner_opt: str = "adam"                   # adam | sgd
+    inner_lr: float = 1e-3
+    inner_beta1: float = 0.0                  # supervised-reptile's Adam has beta1=0
+    inner_state: str = "carry"                # carry (the authors' code: moments live across tasks) | fresh
+    inner_steps: int = 5
+    inner_batch: Optional[int] = 10           # examples per inner step; null = the whole support set
+    eval_inner_steps: int = 50
+    eval_inner_batch: Optional[int] = 5
+
+
+@register("algo", "reptile", schema=ReptileConfig)
+def build(a, c: Collaborators) -> MetaAlgorithm:
+    check_inner(a)
+    if a.inner_opt not in ("adam", "sgd"):
+        raise UserError(f"algo.inner_opt={a.inner_opt} is unknown; expected adam or sgd")
+    if a.inner_state not in INNER_STATES:
+        raise UserError(f"algo.inner_state={a.inner_state} is unknown; expected one of: {', '.join(INNER_STATES)}")
+    if getattr(c.learner_cfg.get("batch_norm"), "value", c.learner_cfg.get("batch_norm")) == "running":
+        raise UserError("algo=reptile supports learner.batch_norm=transductive or none (running statistics: algo=maml)")
+    if c.train:
+        steps, batch = a.inner_steps, a.inner_batch
+    else:
+        steps, batch = a.eval_inner_steps, a.eval_inner_batch
+    if c.inner_steps is not None:
+        steps = c.inner_steps
+    info = {"name": "reptile", "inner_optimizer": a.inner_opt, "inner_lr": a.inner_lr, "inner_beta1": a.inner_beta1,
+            "inner_state": a.inner_state, "inner_steps": a.inner_steps, "inner_batch": a.inner_batch,
+            "eval_inner_steps": a.eval_inner_steps, "eval_inner_batch": a.eval_inner_batch}
+    net = Net(c.learner(c.family.head_dim(c.phase)), c.train, c.transductive)
+    return reptile(net, c.family.objective, a.inner_lr, steps, a.inner_opt, a.inner_beta1, batch, a.inner_state, info)

@@ -12,12 +12,13 @@ import warnings
 import zipfile
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
 from metarun.errors import UserError
+from metarun.registry import register
 
 DRAWINGS = 20
 _PARTS = ("images_background", "images_evaluation")
@@ -176,6 +177,12 @@ def _load_tfds(image_size: int, cache_dir: str | None) -> OmniglotSource:
                 img = Image.fromarray(np.asarray(ex["image"])[..., 0]).resize((image_size, image_size), Image.Resampling.LANCZOS)
                 # TFDS drops the file names, so drawings keep the builder's (fixed) order, not filename order.
                 chars.setdefault(name, (bg, []))[1].append(255 - np.asarray(img, dtype=np.uint8))
+    except ImportError as e:
+        raise UserError(
+            f"dataset.local_dir is not set, and loading 'omniglot' through tensorflow-datasets needs the tfds extra "
+            f"({e.name or e}): pip install 'metarun[tfds]' (and internet), or set dataset.local_dir=PATH to a folder "
+            f"holding images_background.zip and images_evaluation.zip"
+        ) from None
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0][:160]
         raise UserError(
@@ -256,3 +263,25 @@ def split_classes(source: OmniglotSource, split: str = "vinyals", rotations: Seq
     if empty:
         raise UserError(f"dataset.split={split} gives no classes for {'/'.join(empty)}; the data needs both images_background and images_evaluation")
     return {k: np.stack([np.rot90(source.images[i], s, axes=(1, 2)) for i, s in p]) for k, p in pairs.items()}
+
+
+@dataclasses.dataclass
+class OmniglotConfig:
+    name: str = "omniglot"
+    kind: str = "classification"
+    local_dir: Optional[str] = None
+    image_size: int = 28
+    split: str = "vinyals"
+    rotations: List[int] = dataclasses.field(default_factory=lambda: [0, 90, 180, 270])
+    cache_dir: Optional[str] = None
+
+
+@register("dataset", "omniglot", schema=OmniglotConfig, family="classification")
+def load(cfg, seed: int = 0) -> dict[str, np.ndarray]:
+    """{split: uint8 [classes, 20, S, S, 1]} from dataset.local_dir (or tensorflow-datasets)."""
+    del seed
+    if cfg.split not in ("vinyals", "lake"):  # checked before the (slow) first decode
+        raise UserError(f"dataset.split={cfg.split!r} is unknown; valid values: vinyals, lake")
+    _rotation_steps(list(cfg.rotations))
+    source = load_omniglot(cfg.local_dir, cfg.image_size, cfg.cache_dir)
+    return split_classes(source, cfg.split, list(cfg.rotations))

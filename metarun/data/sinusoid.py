@@ -1,23 +1,58 @@
 """Sinusoid regression tasks (Finn et al. 2017), generated on the device."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
 import jax
 import jax.numpy as jnp
 
 from metarun.data.tasks import Examples, Sampler, Task
+from metarun.registry import register
 
 
 def make_sinusoid_sampler(shots: int, queries: int, amplitude=(0.1, 5.0), phase=(0.0, jnp.pi),
-                          x_range=(-5.0, 5.0)) -> Sampler:
-    """y = A sin(x - phase) with A, phase and x uniform; `data` is unused (pass an empty dict)."""
+                          x_range=(-5.0, 5.0), min_shots: Optional[int] = None) -> Sampler:
+    """y = A sin(x - phase) with A, phase and x uniform; `data` is unused (pass an empty dict).
+
+    min_shots: None gives exactly `shots` support points; otherwise the support size is drawn from
+    U{min_shots..shots} per task and the support carries a mask (1 for the used points).
+    """
 
     def sample(data, key: jax.Array) -> Task:
         del data
-        amp_key, phase_key, x_key = jax.random.split(key, 3)
+        amp_key, phase_key, x_key, n_key = jax.random.split(key, 4)
         amp = jax.random.uniform(amp_key, (), minval=amplitude[0], maxval=amplitude[1])
         ph = jax.random.uniform(phase_key, (), minval=phase[0], maxval=phase[1])
         x = jax.random.uniform(x_key, (shots + queries, 1), minval=x_range[0], maxval=x_range[1])
         y = amp * jnp.sin(x - ph)
-        return Task(Examples(x[:shots], y[:shots]), Examples(x[shots:], y[shots:]))
+        mask = None
+        if min_shots is not None:
+            used = jax.random.randint(n_key, (), min_shots, shots + 1)
+            mask = (jnp.arange(shots) < used).astype(jnp.float32)
+        return Task(Examples(x[:shots], y[:shots], mask), Examples(x[shots:], y[shots:]))
 
     return sample
+
+
+@dataclass
+class SinusoidConfig:
+    name: str = "sinusoid"
+    kind: str = "regression"
+    amplitude: List[float] = field(default_factory=lambda: [0.1, 5.0])
+    phase: List[float] = field(default_factory=lambda: [0.0, math.pi])
+    x_range: List[float] = field(default_factory=lambda: [-5.0, 5.0])
+
+
+@register("dataset", "sinusoid", schema=SinusoidConfig, family="regression")
+def load(cfg, seed: int = 0):
+    """Every split draws from the same distribution of functions (fresh draws per key)."""
+    del seed
+
+    def sampler_for(split, shots, queries, min_shots=None):
+        del split
+        return make_sinusoid_sampler(shots, queries, tuple(cfg.amplitude), tuple(cfg.phase), tuple(cfg.x_range),
+                                     min_shots)
+
+    return sampler_for

@@ -1,15 +1,17 @@
 """Episodes as pytrees, and the N-way K-shot sampler that runs on the device inside the jitted step."""
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 
 class Examples(NamedTuple):
+    """Inputs and targets; `mask` (1 = a real example, 0 = padding) where a task's size varies."""
     x: jax.Array
     y: jax.Array
+    mask: Optional[jax.Array] = None
 
 
 class Task(NamedTuple):

@@ -1,11 +1,15 @@
 """Conv-4 (Vinyals et al. 2016): 4 x [3x3 conv, BatchNorm, ReLU, 2x2 max-pool] + optional linear head."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from metarun.learners.batchnorm import BatchNorm, BatchNormMode
+from metarun.registry import register
 
 
 def conv3x3_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -35,6 +39,14 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def resolve_conv_impl(conv_impl) -> str:
+    """'auto' picks im2col matmuls on CPU (XLA's CPU convolution is slow) and XLA's conv elsewhere."""
+    impl = getattr(conv_impl, "value", conv_impl)
+    if impl == "auto":
+        return "im2col" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
 class Conv3x3(nn.Module):
     features: int
     impl: str = "xla"
@@ -47,35 +59,59 @@ class Conv3x3(nn.Module):
         return conv(x, kernel) + bias
 
 
-class TransductiveBatchNorm(nn.Module):
-    """BatchNorm over whatever batch is seen (support or query), with no running statistics."""
-    epsilon: float = 1e-5
-
-    @nn.compact
-    def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
-        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-        mean = x.mean(axis=(0, 1, 2))
-        var = jnp.square(x - mean).mean(axis=(0, 1, 2))
-        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-
-
 class Conv4(nn.Module):
     """Returns logits when out_dim is set, else the flattened embedding (metric learners, ANIL's body)."""
     out_dim: Optional[int] = None
     filters: int = 64
     blocks: int = 4
     batch_norm: str = "transductive"
+    bn_steps: int = 1          # copies of running statistics (batch_norm=running; MAML++ keeps one per inner step)
     conv_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False, step=0):
         for i in range(self.blocks):
             x = Conv3x3(self.filters, self.conv_impl, name=f"conv{i}")(x)
-            if self.batch_norm == "transductive":
-                x = TransductiveBatchNorm(name=f"norm{i}")(x)
+            if self.batch_norm != "none":
+                x = BatchNorm(self.batch_norm, self.bn_steps, name=f"norm{i}")(x, train, step)
             x = max_pool_2x2(nn.relu(x))
         x = x.reshape(x.shape[0], -1)
         if self.out_dim is not None:
             x = nn.Dense(self.out_dim, name="head")(x)
         return x
+
+
+class ConvImpl:
+    """Names of the convolution implementations (config values)."""
+    choices = ("auto", "xla", "im2col")
+
+
+@dataclass
+class Conv4Config:
+    name: str = "conv4"
+    filters: int = 64
+    blocks: int = 4
+    batch_norm: BatchNormMode = BatchNormMode.transductive
+    bn_steps: int = 1
+    conv_impl: str = "auto"
+    width_factor: float = 1.0    # multiplies every layer's width (debug=smoke sets it for any learner)
+
+
+@register("learner", "conv4", schema=Conv4Config)
+def build(cfg, out_dim: Optional[int], **overrides) -> Conv4:
+    from metarun.errors import UserError
+    filters = max(1, round(cfg.filters * cfg.width_factor))
+    if cfg.filters < 1 or cfg.blocks < 1 or not cfg.width_factor > 0:
+        raise UserError(f"learner.filters={cfg.filters}, learner.blocks={cfg.blocks} must be >= 1 and "
+                        f"learner.width_factor={cfg.width_factor} > 0")
+    if cfg.conv_impl not in ConvImpl.choices:
+        raise UserError(f"learner.conv_impl={cfg.conv_impl} is unknown; expected one of: {', '.join(ConvImpl.choices)}")
+    kwargs = dict(out_dim=out_dim, filters=filters, blocks=cfg.blocks,
+                  batch_norm=getattr(cfg.batch_norm, "value", cfg.batch_norm), bn_steps=cfg.bn_steps,
+                  conv_impl=resolve_conv_impl(cfg.conv_impl))
+    return Conv4(**{**kwargs, **overrides})
+
+
+def min_image_size(blocks: int) -> int:
+    """The smallest input side that survives `blocks` 2x2 pools (floor mode) with at least 1 pixel."""
+    return 2 ** blocks

@@ -4,7 +4,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from metarun.learners.conv4 import Conv3x3, TransductiveBatchNorm, max_pool_2x2
+from metarun.learners.batchnorm import BatchNorm
+from metarun.learners.conv4 import Conv3x3, max_pool_2x2
 
 
 class _Block(nn.Module):
@@ -14,14 +15,15 @@ class _Block(nn.Module):
     conv_impl: str
     valid: bool
     pool: bool
+    train: bool = False
 
     @nn.compact
     def __call__(self, x):
         x = Conv3x3(self.filters, self.conv_impl, name="conv")(x)
         if self.valid:
             x = x[:, 1:-1, 1:-1, :]          # a 'SAME' 3x3 conv cropped by one pixel is the 'VALID' conv
-        if self.batch_norm == "transductive":
-            x = TransductiveBatchNorm(name="norm")(x)
+        if self.batch_norm != "none":
+            x = BatchNorm(self.batch_norm, name="norm")(x, self.train)
         x = nn.relu(x)
         if self.pool and min(x.shape[1:3]) >= 2:
             x = max_pool_2x2(x)
@@ -40,9 +42,9 @@ class RelationEmbedding(nn.Module):
     conv_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, step=0) -> jax.Array:
         for i in range(4):
-            x = _Block(self.filters, self.batch_norm, self.conv_impl, valid=i < 2, pool=i < 2,
+            x = _Block(self.filters, self.batch_norm, self.conv_impl, valid=i < 2, pool=i < 2, train=train,
                        name=f"block{i}")(x)
         return x
 
@@ -59,10 +61,10 @@ class RelationModule(nn.Module):
     conv_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, pairs: jax.Array) -> jax.Array:
+    def __call__(self, pairs: jax.Array, train: bool = False, step=0) -> jax.Array:
         x = pairs
         for i in range(2):
-            x = _Block(self.filters, self.batch_norm, self.conv_impl, valid=False, pool=True,
+            x = _Block(self.filters, self.batch_norm, self.conv_impl, valid=False, pool=True, train=train,
                        name=f"block{i}")(x)
         x = nn.relu(nn.Dense(self.hidden, name="fc1")(x.reshape(x.shape[0], -1)))
         return nn.sigmoid(nn.Dense(1, name="fc2")(x))[:, 0]

@@ -1,0 +1,94 @@
+"""The task-family interface, and building a family from the `dataset` and `task` config sections.
+
+A family is what the trainer and the evaluator ask about tasks; they contain no family-specific
+branch. docs/design.md shows the interface with a worked example per family, including the
+reinforcement-learning and stream (continual / online) shapes that come in their own issues.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+
+from metarun.data.tasks import Sampler
+from metarun.errors import UserError
+from metarun.metrics import mean_ci95
+from metarun.registry import lookup
+
+SPLITS = ("train", "val", "test")
+
+
+class TaskFamily:
+    """Base class: a family of tasks over one dataset.
+
+    Attributes:
+      name:     the dataset's name (results.json `dataset`).
+      kind:     the family's registered name (classification, regression, ...).
+      metric:   the primary metric: the key of `loss`'s metrics that results.json reports.
+      higher_is_better: its direction (accuracy up, MSE down); `score` makes it higher-is-better.
+      data:     per split, the pytree of device arrays passed into the jitted step ({} when tasks
+                are generated from the key alone).
+    """
+    kind: str = ""
+    metric: str = ""
+    higher_is_better: bool = True
+
+    def __init__(self, name: str, data: Dict[str, Any]):
+        self.name = name
+        self.data = data
+
+    # -- what algorithms ask ---------------------------------------------------------------
+    def objective(self, outputs, y, mask=None):
+        """(loss, metrics) of a learner's outputs against targets (mask: 1 = real example)."""
+        raise NotImplementedError
+
+    def head_dim(self, phase: str) -> Optional[int]:
+        """Outputs of a learner's head in this phase (classes, or output dimensions)."""
+        raise NotImplementedError
+
+    def ways(self, phase: str) -> Optional[int]:
+        """Classes per task in this phase (None where tasks have no classes)."""
+        return None
+
+    # -- what the trainer and the evaluator ask ----------------------------------------------
+    def sampler(self, split: str) -> Sampler:
+        """A pure `(data, key) -> Task` for `split`, checked to fit the split."""
+        raise NotImplementedError
+
+    def describe(self, split: str) -> Dict[str, Any]:
+        """Facts about the tasks of `split` for results.json (episode shape, class split, ...)."""
+        return {}
+
+    def score(self, value: Optional[float]) -> float:
+        """Higher is better, whatever the metric; a diverged (None / non-finite) value is worst."""
+        if value is None or not np.isfinite(value):
+            return float("-inf")
+        return float(value) if self.higher_is_better else -float(value)
+
+    def summarize(self, per_task: Dict[str, np.ndarray]) -> Dict[str, Any]:
+        """The protocol's numbers from per-task metrics: mean ± 95% CI of the primary metric and
+        the mean ± CI of every other metric under `metrics`."""
+        main = mean_ci95(per_task[self.metric])
+        others = {k: mean_ci95(v) for k, v in per_task.items() if k != self.metric and not k.startswith("_")}
+        return {**main, "metrics": {k: {"mean": v["mean"], "ci95": v["ci95"]} for k, v in others.items()}}
+
+    def check_learner(self, learner_cfg) -> None:
+        """Refuse a learner that cannot read this family's inputs (one line)."""
+
+
+def build_family(dataset_cfg, task_cfg, seed: int = 0) -> TaskFamily:
+    """Load (or generate) the dataset named by `dataset.name` and wrap it in its task family."""
+    entry = lookup("dataset", dataset_cfg.name, "dataset")
+    family_cls = lookup("family", entry.meta["family"]).build
+    payload = entry.build(dataset_cfg, seed)
+    return family_cls(dataset_cfg.name, payload, task_cfg, dataset_cfg)
+
+
+def check_positive(section: str, cfg, keys) -> None:
+    for key in keys:
+        value = cfg.get(key)
+        if value is not None and value < 1:
+            raise UserError(f"{section}.{key}={value} must be >= 1")
+
+
+FamilyBuilder = Callable[..., TaskFamily]
