@@ -1,0 +1,1 @@
+"""Meta-reinforcement learning building blocks: JAX environments, policies, on-device rollouts, REINFORCE."""
