@@ -58,18 +58,30 @@ class Evaluator:
                  for i in range(n_calls)]
         return {k: np.concatenate([np.asarray(p[k]) for p in parts])[: self.episodes] for k in parts[0]}
 
+    def evaluate(self, params, algo_state):
+        """({inner_steps: the family's summary}, {inner_steps: per-task metrics}) — the per-task metrics
+        too, so the family's plots read the very episodes that the summary does."""
+        per_task = {steps: self.per_task(params, algo_state, steps) for steps in self._batches}
+        return {steps: self.family.summarize(v) for steps, v in per_task.items()}, per_task
+
     def __call__(self, params, algo_state) -> Dict[Optional[int], dict]:
         """{inner_steps: the family's summary (mean, ci95, std, median, n, nonfinite, metrics)}."""
-        return {steps: self.family.summarize(self.per_task(params, algo_state, steps)) for steps in self._batches}
+        return self.evaluate(params, algo_state)[0]
 
 
 def write_results(run_dir: Path, cfg, evaluator: Evaluator, params, algo_state, extra: dict) -> dict:
     """Evaluate the test protocol and write results.json atomically (strict JSON); returns the results."""
     start = time.perf_counter()
-    by_steps = evaluator(params, algo_state)
+    by_steps, per_task = evaluator.evaluate(params, algo_state)
     eval_wall = time.perf_counter() - start
     main = by_steps[evaluator.inner_steps]
     family = evaluator.family
+    plots, plot_error = [], None
+    try:
+        plots = family.plots(run_dir, per_task[evaluator.inner_steps])
+    except Exception as e:  # a figure must not cost the run its results.json; the error is recorded there
+        log.warning("plots failed: %s", e)
+        plot_error = f"{type(e).__name__}: {e}"
     results = {
         "metric": evaluator.metric, "higher_is_better": family.higher_is_better,
         "mean": main["mean"], "ci95": main["ci95"], "std": main["std"], "median": main["median"],
@@ -82,7 +94,8 @@ def write_results(run_dir: Path, cfg, evaluator: Evaluator, params, algo_state, 
         "algo": cfg.algo.name, "algo_config": evaluator.algo_info, "learner": cfg.learner.name,
         "dataset": cfg.dataset.name, "task_family": family.kind, **family.describe(evaluator.split),
         "seed": cfg.seed, "eval_wall_s": round(eval_wall, 3), "backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
+        "device": str(jax.devices()[0].device_kind), "plots": plots,
+        **({"plot_error": plot_error} if plot_error else {}),
         **extra,
     }
     atomic_write_json(Path(run_dir) / "results.json", results)

@@ -6,7 +6,7 @@ reinforcement-learning and stream (continual / online) shapes that come in their
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -71,6 +71,12 @@ class TaskFamily:
         main = mean_ci95(per_task[self.metric])
         others = {k: mean_ci95(v) for k, v in per_task.items() if k != self.metric and not k.startswith("_")}
         return {**main, "metrics": {k: {"mean": v["mean"], "ci95": v["ci95"]} for k, v in others.items()}}
+
+    def plots(self, run_dir, per_task: Dict[str, np.ndarray]) -> List[str]:
+        """Write the family's plots of the final test evaluation into run_dir (e.g. classification's
+        reliability diagram) from the same per-task metrics `summarize` read; returns the file names
+        written (results.json lists them). The evaluator calls it for every family: no family branch."""
+        return []
 
     def check_learner(self, learner_cfg) -> None:
         """Refuse a learner that cannot read this family's inputs (one line)."""

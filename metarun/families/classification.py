@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from metarun.data.tasks import make_image_sampler
 from metarun.errors import UserError
 from metarun.families.base import SPLITS, TaskFamily, check_positive
 from metarun.registry import register
+from metarun.uncertainty import brier, calibration_bins, nll
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,52 @@ def episode_shapes(task_cfg) -> Dict[str, EpisodeShape]:
     return {"train": train, "val": test, "test": test}
 
 
+# Calibration bins per episode (Guo et al. 2017: 15 equal-width confidence bins). The per-episode bin sums
+# travel as one [3, BINS] array metric (count, confidence sum, correct sum) and are pooled over all test
+# episodes in `summarize`: the ECE of all test queries, not a mean of per-episode ECEs.
+CALIBRATION_BINS = 15
+BINS_KEY = "_calibration_bins"  # "_": an array, not a per-episode number to average (summarize pools it)
+
+
+def calibration_from_log_probs(log_probs, labels, mask=None) -> dict:
+    """The calibration metrics of one episode from normalised log-probabilities [q, C]: nll, brier, and
+    the per-episode bins (BINS_KEY) that summarize pools into the test set's ECE."""
+    probs = jnp.exp(log_probs)
+    bins = calibration_bins(probs, labels, CALIBRATION_BINS, mask)
+    return {"nll": nll(log_probs, labels, mask), "brier": brier(probs, labels, mask),
+            BINS_KEY: jnp.stack([bins.count, bins.confidence, bins.correct])}
+
+
 def classification_objective(logits, labels, mask=None):
-    del mask
+    """Cross-entropy of softmax(logits); accuracy; and the calibration of softmax(logits) (NLL, Brier, ECE bins).
+
+    The loss ignores `mask` (classification episodes are never padded); the calibration metrics honour it.
+    Algorithms whose outputs are log-probabilities (Matching Nets, Bayesian predictive averages) pass them
+    as logits: log_softmax leaves normalised log-probabilities unchanged.
+    """
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    log_probs = jax.nn.log_softmax(logits, -1)
     accuracy = (jnp.argmax(logits, -1) == labels).mean()
-    return loss, {"loss": loss, "accuracy": accuracy}
+    # NLL equals the loss here, but stays a separate key: algorithms that train on another loss (DKT's
+    # marginal likelihood, BMAML's chaser loss) report the predictive NLL under the same name.
+    return loss, {"loss": loss, "accuracy": accuracy, **calibration_from_log_probs(log_probs, labels, mask)}
+
+
+def ece_with_ci(bins: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict:
+    """The pooled ECE and a 95% half-width over episodes: 1.96 x the standard deviation of the pooled ECE
+    over episodes resampled with replacement (a bootstrap: ECE is not a mean of per-episode values, so the
+    normal formula of the other metrics does not apply). Non-finite bins (a diverged run) give None."""
+    bins = np.asarray(bins, np.float64)
+    n = bins.shape[0]
+    if n == 0 or not np.isfinite(bins).all():
+        return {"mean": None, "ci95": None, "n": int(n)}
+
+    def ece(total):  # numpy twin of uncertainty.ece_from_bins over a leading resample axis
+        return np.abs(total[..., 2, :] - total[..., 1, :]).sum(-1) / np.maximum(total[..., 0, :].sum(-1), 1.0)
+
+    picks = np.random.default_rng(seed).integers(0, n, (resamples, n))
+    boot = ece(bins[picks].sum(1)) if n > 1 else np.zeros(1)
+    return {"mean": float(ece(bins.sum(0))), "ci95": float(1.96 * boot.std(ddof=1)) if n > 1 else 0.0, "n": int(n)}
 
 
 @register("family", "classification")
@@ -74,6 +117,29 @@ class ClassificationFamily(TaskFamily):
             raise UserError(f"task shots+queries={shape.shots + shape.queries} exceeds the "
                             f"{self.examples_per_class} examples per class of dataset={self.name}")
         return make_image_sampler(shape.ways, shape.shots, shape.queries)
+
+    def summarize(self, per_task: Dict[str, np.ndarray]) -> Dict[str, Any]:
+        """Accuracy ± 95% CI and every other metric ± CI, plus `ece`: the ECE of all test queries pooled
+        over the episodes (15 equal-width bins) with a bootstrap CI over episodes. Algorithms whose
+        outputs are not probabilities (Relation Nets' scores) return no bins and get no ECE/NLL/Brier."""
+        out = super().summarize(per_task)
+        if BINS_KEY in per_task:
+            ece = ece_with_ci(per_task[BINS_KEY])
+            out["metrics"]["ece"] = {"mean": ece["mean"], "ci95": ece["ci95"]}
+        return out
+
+    def plots(self, run_dir, per_task: Dict[str, np.ndarray]) -> List[str]:
+        """reliability.png: per-bin accuracy against confidence over all test queries (when the algorithm
+        returns probabilities, see `summarize`)."""
+        bins = per_task.get(BINS_KEY)
+        if bins is None or not np.isfinite(bins).all():
+            return []
+        from metarun.plots.reliability import reliability_diagram  # matplotlib only when a plot is drawn
+
+        count, conf_sum, correct = np.asarray(bins, np.float64).sum(0)  # pooled over episodes, as the ECE
+        path = reliability_diagram(count, conf_sum / np.maximum(count, 1.0), correct / np.maximum(count, 1.0),
+                                   Path(run_dir) / "reliability.png", title=f"{self.name} test")
+        return [path.name]
 
     def describe(self, split: str):
         s = self.shapes[split]
