@@ -1,0 +1,124 @@
+"""Reinforcement learning: a task is an environment's parameters; rollouts run on the device.
+
+The support set is not data: an algorithm produces it inside `adapt` by rolling out its policy
+(`RLFamily.rollout`), and `loss` rolls out the adapted policy. Metric: the undiscounted return per
+episode, higher is better. See docs/design.md ("Reinforcement learning").
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from metarun.data.tasks import Task
+from metarun.errors import UserError
+from metarun.families.base import SPLITS, TaskFamily
+from metarun.registry import lookup, register
+from metarun.rl.envs import Env
+from metarun.rl.policy_gradient import linear_baseline_advantages
+from metarun.rl.rollout import Trajectories, rollout, rollout_recurrent
+
+POLICY_LEARNERS = ("gaussian_mlp", "categorical_mlp", "gru")
+
+
+class EnvTask(NamedTuple):
+    """One side (support or query) of an RL task: the environment's parameters (a goal, arm probabilities...).
+
+    `x` and `y` exist only to turn a supervised algorithm's first look at the task into one line
+    instead of an AttributeError deep inside it.
+    """
+    env_params: Any
+
+    @property
+    def x(self):
+        raise UserError("an RL task is an environment, not examples: train it with algo=maml_rl or algo=rl2")
+
+    y = x
+
+
+class RLSettings(NamedTuple):
+    """What a dataset (environment) entry hands its family: the env and its rollout settings."""
+    env: Env
+    horizon: int        # steps per episode (the env's time limit)
+    fast_batch: int     # trajectories per adaptation (and per query rollout)
+    gamma: float
+    gae_lambda: float
+
+
+@register("family", "rl")
+class RLFamily(TaskFamily):
+    """Tasks drawn from an environment's task distribution by the key alone (data = {} per split).
+
+    Every split draws from the same distribution (held-out tasks are fresh draws from fixed seeds,
+    as in the MAML and RL² papers); `task` config section is not used.
+    """
+    kind = "rl"
+    metric = "return"
+    higher_is_better = True
+
+    def __init__(self, name: str, settings: RLSettings, task_cfg, dataset_cfg):
+        del task_cfg  # episode shapes come from the dataset section (horizon, fast_batch)
+        super().__init__(name, {s: {} for s in SPLITS})
+        self.settings = settings
+        self.env = settings.env
+
+    # -- what algorithms ask ---------------------------------------------------------------
+    def objective(self, outputs, y, mask=None):
+        raise UserError(f"dataset={self.name} is an RL environment and has no supervised objective: "
+                        f"use algo=maml_rl or algo=rl2")
+
+    def head_dim(self, phase: str) -> int:
+        return self.env.action_size
+
+    def rollout(self, policy_apply: Callable, params, env_params, key, n_traj: Optional[int] = None) -> Trajectories:
+        """`n_traj` (default fast_batch) episodes of one task with a feed-forward policy, [horizon, n_traj]."""
+        return rollout(self.env, policy_apply, params, env_params, key, self.settings.horizon,
+                       n_traj or self.settings.fast_batch)
+
+    def rollout_trial(self, policy_apply: Callable, params, env_params, key, episodes: int, init_carry,
+                      n_traj: Optional[int] = None) -> Trajectories:
+        """`n_traj` RL² trials of `episodes` episodes each (the hidden state carries across them)."""
+        return rollout_recurrent(self.env, policy_apply, params, env_params, key, episodes * self.settings.horizon,
+                                 n_traj or self.settings.fast_batch, init_carry)
+
+    def advantages(self, traj: Trajectories, reg_coeff: float = 1e-5, normalize: bool = True, dones=None):
+        """Linear feature baseline fitted on this batch, then GAE(gamma, gae_lambda); constants for the gradient."""
+        adv = linear_baseline_advantages(traj, self.settings.gamma, self.settings.gae_lambda, reg_coeff,
+                                         normalize, dones)
+        return jax.lax.stop_gradient(adv)
+
+    @staticmethod
+    def mean_return(traj: Trajectories) -> jax.Array:
+        """Undiscounted return per trajectory, averaged over the batch (a scalar)."""
+        return jnp.sum(traj.rewards * traj.valid, 0).mean()
+
+    # -- what the trainer and the evaluator ask ----------------------------------------------
+    def sampler(self, split: str):
+        if split not in SPLITS:
+            raise UserError(f"split {split!r} is unknown; expected one of: {', '.join(SPLITS)}")
+        sample_task = self.env.sample_task
+
+        def sample(data, key) -> Task:
+            del data
+            task = EnvTask(sample_task(key))
+            return Task(support=task, query=task)  # the same env for adaptation and for the outer loss
+
+        return sample
+
+    def describe(self, split: str):
+        s = self.settings
+        return {"env": self.env.name, "horizon": s.horizon, "fast_batch": s.fast_batch, "gamma": s.gamma,
+                "gae_lambda": s.gae_lambda, "discrete_actions": self.env.discrete}
+
+    def check_learner(self, learner_cfg) -> None:
+        name = learner_cfg.name
+        actions = "discrete" if self.env.discrete else "continuous"
+        suggest = "categorical_mlp" if self.env.discrete else "gaussian_mlp"
+        if name not in POLICY_LEARNERS:
+            raise UserError(f"learner={name} cannot act in dataset={self.name} ({actions} actions): "
+                            f"use learner={suggest} (or learner=gru with algo=rl2)")
+        kind = lookup("learner", name, "learner").meta.get("actions", "any")
+        if kind not in ("any", actions):
+            raise UserError(f"learner={name} has {kind} actions but dataset={self.name} has {actions} actions: "
+                            f"use learner={suggest}")
