@@ -79,9 +79,11 @@ def load_navigation2d(cfg, seed: int = 0) -> RLSettings:
     return _settings(cfg, navigation2d(max_steps=int(cfg.horizon)))
 
 
-def _gymnax(gymnax_name: str, cfg, **params) -> RLSettings:
+def _gymnax(gymnax_name: str, cfg, time_limit_type=int, **params) -> RLSettings:
+    """time_limit_type: the type of gymnax's own max_steps_in_episode (a float in BernoulliBandit, whose
+    observation_space selects between it and floats and refuses an int)."""
     _check(cfg)  # before gymnax builds anything with a bad time limit
-    return _settings(cfg, gymnax_env(gymnax_name, max_steps_in_episode=int(cfg.horizon), **params))
+    return _settings(cfg, gymnax_env(gymnax_name, max_steps_in_episode=time_limit_type(cfg.horizon), **params))
 
 
 @register("dataset", "point_robot", schema=PointRobotConfig, family="rl")
@@ -94,7 +96,7 @@ def load_point_robot(cfg, seed: int = 0) -> RLSettings:
 def load_bernoulli_bandit(cfg, seed: int = 0) -> RLSettings:
     del seed
     # t_max: gymnax scales the time in the observation to [-1, 1] over t_max steps; one trial = horizon.
-    return _gymnax("BernoulliBandit-misc", cfg, reward_prob=float(cfg.reward_prob), t_max=int(cfg.horizon))
+    return _gymnax("BernoulliBandit-misc", cfg, float, reward_prob=float(cfg.reward_prob), t_max=int(cfg.horizon))
 
 
 @register("dataset", "gaussian_bandit", schema=GaussianBanditConfig, family="rl")
