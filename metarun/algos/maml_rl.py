@@ -58,7 +58,7 @@ def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool
             traj = family.rollout(apply, jax.lax.stop_gradient(fast), support.env_params, step_key)
             return pg_loss(fast, traj), family.mean_return(traj)
 
-        keys = jax.random.split(key, inner_steps) if inner_steps > 0 else None
+        keys = jax.random.split(key, max(inner_steps, 1))[:inner_steps]  # [0, 2] when 0: the scan still traces
         fast, _, returns, _ = inner_loop(step_loss, meta_params, optax.sgd(inner_lr), inner_steps, xs=keys,
                                          first_order=first_order)
         return {"params": fast, "support_returns": returns}
