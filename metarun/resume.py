@@ -31,7 +31,7 @@ def _flatten(cfg, prefix: str = "") -> dict:
         if hasattr(value, "items"):
             out.update(_flatten(value, path + "."))
         else:
-            out[path] = value
+            out[path] = getattr(value, "value", value)  # an enum compares by its config value
     return out
 
 
