@@ -32,7 +32,7 @@ def _weight(w: float):
 
 
 def abml(net: Net, family, inner_lr: float, inner_steps: int, samples: int = 1, eval_samples: int = 10,
-         kl_weight: float = 1e-3, outer_kl_weight: float = 1e-3, init_log_std: float = -4.0,
+         kl_weight: float = 1e-5, outer_kl_weight: float = 1e-5, init_log_std: float = -4.0,
          first_order: bool = False, info=None) -> MetaAlgorithm:
     """Builds ABML over a learner in a mode.
 
@@ -91,8 +91,8 @@ class ABMLConfig:
     eval_inner_steps: int = 3
     samples: int = 1
     eval_samples: int = 10
-    kl_weight: float = 1.0e-3
-    outer_kl_weight: float = 1.0e-3
+    kl_weight: float = 1.0e-5
+    outer_kl_weight: float = 1.0e-5
     init_log_std: float = -4.0
     first_order: bool = False
 
