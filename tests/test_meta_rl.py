@@ -129,6 +129,26 @@ def test_maml_rl_smoke_run_writes_results_with_returns_before_and_after(tmp_path
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     assert all("train/return" in r and "train/return_before" in r for r in rows) and "val/return" in rows[1]
     assert any(p.name.isdigit() for p in (tmp_path / "checkpoints" / "last").iterdir())
+    assert results["plots"] == ["trajectories.png"] and (tmp_path / "trajectories.png").stat().st_size > 0
+
+
+def test_a_resumed_maml_rl_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    """Rollout keys come from fold_in(run key, step): a run stopped at step 10 and resumed to 20 equals one run."""
+    from metarun.train import run
+
+    base = ["algo=maml_rl", "dataset=navigation2d", "learner=gaussian_mlp", "debug=smoke", "dataset.horizon=10",
+            "dataset.fast_batch=4", "eval.episodes=10"]
+    run(small(*base, "train.steps=20"), tmp_path / "whole")
+    run(small(*base, "train.steps=10"), tmp_path / "split")
+    run(small(*base, "train.steps=20", "resume=true"), tmp_path / "split", overrides=["train.steps=20", "resume=true"])
+
+    def rows(d):
+        lines = (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in ("wall_s", "steps_per_s")} for line in lines]
+
+    assert rows("split") == rows("whole")
+    whole, split = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "split"))
+    assert split["mean"] == pytest.approx(whole["mean"]) and split["ci95"] == pytest.approx(whole["ci95"])
 
 
 # ---- one-line refusals ----------------------------------------------------------------------------------

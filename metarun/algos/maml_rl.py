@@ -30,12 +30,16 @@ from metarun.rl.rollout import policy_log_probs
 
 
 def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool = False,
-            baseline_reg: float = 1e-5, normalize_advantages: bool = True, info=None) -> MetaAlgorithm:
+            baseline_reg: float = 1e-5, normalize_advantages: bool = True, record_paths: bool = False,
+            info=None) -> MetaAlgorithm:
     """Builds MAML-RL over a feed-forward policy module (obs -> distribution) and an `rl` family.
 
     meta_params: the policy's params; algo_state: {}.
     Metrics per task: `return` (the adapted policy's query rollouts), `return_before` (the first
     support rollout, i.e. the meta-policy before adaptation), `loss` (the outer surrogate).
+    record_paths (evaluation): also `_paths` [steps + 1, T, obs] (the first trajectory of every
+    support rollout and of the query rollout, NaN after its end) and `_task` (the task's parameters
+    as a vector): the family's trajectory plot reads them; "_" keeps them out of the summaries.
     """
     def apply(params, obs):
         return policy.apply({"params": params}, obs)
@@ -44,6 +48,9 @@ def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool
         """REINFORCE surrogate with the per-batch linear baseline and GAE; its gradient is the PG estimate."""
         adv = family.advantages(traj, baseline_reg, normalize_advantages)
         return reinforce_loss(policy_log_probs(apply, params, traj), adv, traj.valid)
+
+    def first_path(traj):
+        return jnp.where(traj.valid[:, 0, None] > 0, traj.obs[:, 0], jnp.nan)
 
     def init(key, task):
         del task
@@ -56,12 +63,12 @@ def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool
             del step
             # Actions are data: sample with the current fast weights, differentiate only log π.
             traj = family.rollout(apply, jax.lax.stop_gradient(fast), support.env_params, step_key)
-            return pg_loss(fast, traj), family.mean_return(traj)
+            return pg_loss(fast, traj), (family.mean_return(traj), first_path(traj) if record_paths else None)
 
         keys = jax.random.split(key, max(inner_steps, 1))[:inner_steps]  # [0, 2] when 0: the scan still traces
-        fast, _, returns, _ = inner_loop(step_loss, meta_params, optax.sgd(inner_lr), inner_steps, xs=keys,
-                                         first_order=first_order)
-        return {"params": fast, "support_returns": returns}
+        fast, _, (returns, paths), _ = inner_loop(step_loss, meta_params, optax.sgd(inner_lr), inner_steps,
+                                                  xs=keys, first_order=first_order)
+        return {"params": fast, "support_returns": returns, "support_paths": paths}
 
     def loss(meta_params, algo_state, task_state, query, key):
         del meta_params, algo_state
@@ -71,7 +78,11 @@ def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool
         after = family.mean_return(traj)
         # With no inner step the query rollout IS the meta-policy's: before = after.
         before = task_state["support_returns"][0] if inner_steps > 0 else after
-        return total, {"loss": total, "return": after, "return_before": before}
+        metrics = {"loss": total, "return": after, "return_before": before}
+        if record_paths:
+            metrics["_paths"] = jnp.concatenate([task_state["support_paths"], first_path(traj)[None]])
+            metrics["_task"] = family.task_vector(query.env_params)
+        return total, metrics
 
     return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})
 
@@ -105,4 +116,4 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
             "normalize_advantages": bool(a.normalize_advantages)}
     policy = c.learner(c.family.head_dim(c.phase))
     return maml_rl(policy, c.family, a.inner_lr, steps, a.first_order, a.baseline_reg, a.normalize_advantages,
-                   info=info)
+                   record_paths=not c.train and c.family.draws_paths, info=info)

@@ -6,10 +6,12 @@ episode, higher is better. See docs/design.md ("Reinforcement learning").
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from pathlib import Path
+from typing import Any, Callable, List, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metarun.data.tasks import Task
 from metarun.errors import UserError
@@ -88,6 +90,16 @@ class RLFamily(TaskFamily):
                                          normalize, dones)
         return jax.lax.stop_gradient(adv)
 
+    @property
+    def draws_paths(self) -> bool:
+        """Whether `plots` draws trajectories (observations are 2D positions: navigation2d)."""
+        return self.env.name == "navigation2d"
+
+    @staticmethod
+    def task_vector(env_params) -> jax.Array:
+        """A task's parameters as one flat vector (navigation2d: the goal)."""
+        return jnp.concatenate([jnp.ravel(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(env_params)])
+
     @staticmethod
     def mean_return(traj: Trajectories) -> jax.Array:
         """Undiscounted return per trajectory, averaged over the batch (a scalar)."""
@@ -105,6 +117,17 @@ class RLFamily(TaskFamily):
             return Task(support=task, query=task)  # the same env for adaptation and for the outer loss
 
         return sample
+
+    def plots(self, run_dir, per_task) -> List[str]:
+        """trajectories.png (navigation2d): one trajectory per adaptation stage for 4 test goals, when the
+        algorithm recorded them (maml_rl's `_paths`, `_task`)."""
+        if not self.draws_paths or "_paths" not in per_task or "_task" not in per_task:
+            return []
+        from metarun.plots.rl_trajectories import navigation_paths  # matplotlib only when a plot is drawn
+
+        path = navigation_paths(per_task["_paths"], np.asarray(per_task["_task"])[:, :2],
+                                Path(run_dir) / "trajectories.png", title=f"{self.name}: test goals")
+        return [path.name]
 
     def describe(self, split: str):
         s = self.settings
