@@ -82,6 +82,18 @@ def test_maml_rl_inner_step_is_a_reinforce_step_with_the_linear_baseline():
     assert np.abs(got["mean"]["kernel"] - kernel).max() > 1e-3  # the step moved something
 
 
+def test_the_navigation_oracle_moves_straight_to_the_goal_at_full_speed():
+    from metarun.families.rl import navigation_oracle_return
+    from metarun.rl.envs import navigation2d
+
+    env = navigation2d()
+    # goal (0.5, 0.5): positions k·(0.1, 0.1), distances (5 − k)·0.1·√2 after the moves, then done at the goal
+    assert float(navigation_oracle_return(env, jnp.array([0.5, 0.5]))) == pytest.approx(-0.1 * np.sqrt(2) * 10, 1e-5)
+    # goal (0.3, −0.2): the y coordinate arrives one step early
+    expected = -(np.hypot(0.2, 0.1) + 0.1)
+    assert float(navigation_oracle_return(env, jnp.array([0.3, -0.2]))) == pytest.approx(expected, 1e-5)
+
+
 # ---- learning -------------------------------------------------------------------------------------------
 def train_and_score(cfg, steps: int, episodes: int = 40):
     """(metrics of the untrained and the trained meta-parameters on the same fixed test tasks)."""
@@ -125,6 +137,8 @@ def test_maml_rl_smoke_run_writes_results_with_returns_before_and_after(tmp_path
     assert results["episodes"] == 20 and results["ci95"] >= 0 and results["inner_steps"] == 1
     assert set(results["by_inner_steps"]) == {"0", "1"}
     assert "return_before" in results["metrics"] and results["env"] == "navigation2d" and results["horizon"] == 20
+    # the oracle on the same goals: with horizon 20 it always arrives, so its return is a few tenths
+    assert -2.0 < results["metrics"]["oracle_return"]["mean"] < 0.0 < results["metrics"]["oracle_return"]["ci95"]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     assert all("train/return" in r and "train/return_before" in r for r in rows) and "val/return" in rows[1]

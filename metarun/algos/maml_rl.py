@@ -30,17 +30,20 @@ from metarun.rl.rollout import policy_log_probs
 
 
 def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool = False,
-            baseline_reg: float = 1e-5, normalize_advantages: bool = True, record_paths: bool = False,
+            baseline_reg: float = 1e-5, normalize_advantages: bool = True, record: bool = False,
             info=None) -> MetaAlgorithm:
     """Builds MAML-RL over a feed-forward policy module (obs -> distribution) and an `rl` family.
 
     meta_params: the policy's params; algo_state: {}.
     Metrics per task: `return` (the adapted policy's query rollouts), `return_before` (the first
     support rollout, i.e. the meta-policy before adaptation), `loss` (the outer surrogate).
-    record_paths (evaluation): also `_paths` [steps + 1, T, obs] (the first trajectory of every
-    support rollout and of the query rollout, NaN after its end) and `_task` (the task's parameters
-    as a vector): the family's trajectory plot reads them; "_" keeps them out of the summaries.
+    record (evaluation): also `_task` (the task's parameters as a vector: the family's reference rows,
+    e.g. navigation2d's oracle, are computed on the very tasks evaluated) and, when the family draws
+    paths, `_paths` [steps + 1, T, obs] (the first trajectory of every support rollout and of the query
+    rollout, NaN after its end) for its trajectory plot. "_" keeps both out of the summaries.
     """
+    record_paths = record and family.draws_paths
+
     def apply(params, obs):
         return policy.apply({"params": params}, obs)
 
@@ -79,9 +82,10 @@ def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool
         # With no inner step the query rollout IS the meta-policy's: before = after.
         before = task_state["support_returns"][0] if inner_steps > 0 else after
         metrics = {"loss": total, "return": after, "return_before": before}
+        if record:
+            metrics["_task"] = family.task_vector(query.env_params)
         if record_paths:
             metrics["_paths"] = jnp.concatenate([task_state["support_paths"], first_path(traj)[None]])
-            metrics["_task"] = family.task_vector(query.env_params)
         return total, metrics
 
     return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})
@@ -116,4 +120,4 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
             "normalize_advantages": bool(a.normalize_advantages)}
     policy = c.learner(c.family.head_dim(c.phase))
     return maml_rl(policy, c.family, a.inner_lr, steps, a.first_order, a.baseline_reg, a.normalize_advantages,
-                   record_paths=not c.train and c.family.draws_paths, info=info)
+                   record=not c.train, info=info)

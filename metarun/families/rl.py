@@ -16,6 +16,7 @@ import numpy as np
 from metarun.data.tasks import Task
 from metarun.errors import UserError
 from metarun.families.base import SPLITS, TaskFamily
+from metarun.metrics import mean_ci95
 from metarun.registry import lookup, register
 from metarun.rl.envs import Env
 from metarun.rl.policy_gradient import linear_baseline_advantages
@@ -48,6 +49,23 @@ class RLSettings(NamedTuple):
     gae_lambda: float
 
 
+def navigation_oracle_return(env: Env, goal) -> jax.Array:
+    """The return of the policy that knows the goal (action = goal − position; the env clips it to the
+    maximum speed) over one episode of navigation2d, through the env's own dynamics."""
+    from metarun.rl.envs import NavigationParams
+
+    params = NavigationParams(goal=goal)
+    obs, state = env.reset(jax.random.PRNGKey(0), params)
+
+    def body(carry, _):
+        obs, state, alive, total = carry
+        obs, state, reward, done = env.step(jax.random.PRNGKey(0), state, goal - obs, params)
+        return (obs, state, alive & ~done, total + reward * alive), None
+
+    carry = (obs, state, jnp.array(True), jnp.zeros((), jnp.float32))
+    return jax.lax.scan(body, carry, None, length=env.max_steps)[0][3]
+
+
 @register("family", "rl")
 class RLFamily(TaskFamily):
     """Tasks drawn from an environment's task distribution by the key alone (data = {} per split).
@@ -64,6 +82,7 @@ class RLFamily(TaskFamily):
         super().__init__(name, {s: {} for s in SPLITS})
         self.settings = settings
         self.env = settings.env
+        self._oracle_fn = None
 
     # -- what algorithms ask ---------------------------------------------------------------
     def objective(self, outputs, y, mask=None):
@@ -117,6 +136,21 @@ class RLFamily(TaskFamily):
             return Task(support=task, query=task)  # the same env for adaptation and for the outer loss
 
         return sample
+
+    def summarize(self, per_task):
+        """The protocol's numbers, plus a reference row on the same tasks where the env has an oracle:
+        navigation2d's `oracle_return` (straight to the goal at full speed) from the algorithm's `_task`."""
+        out = super().summarize(per_task)
+        if self.env.name == "navigation2d" and "_task" in per_task:
+            goals = np.asarray(per_task["_task"], np.float32)[:, :2]
+            oracle = mean_ci95(np.asarray(self._oracle(jnp.asarray(goals))))
+            out["metrics"]["oracle_return"] = {"mean": oracle["mean"], "ci95": oracle["ci95"]}
+        return out
+
+    def _oracle(self, goals):
+        if self._oracle_fn is None:
+            self._oracle_fn = jax.jit(jax.vmap(lambda g: navigation_oracle_return(self.env, g)))
+        return self._oracle_fn(goals)
 
     def plots(self, run_dir, per_task) -> List[str]:
         """trajectories.png (navigation2d): one trajectory per adaptation stage for 4 test goals, when the
