@@ -83,7 +83,7 @@ def test_maml_rl_inner_step_is_a_reinforce_step_with_the_linear_baseline():
 
 
 def test_the_navigation_oracle_moves_straight_to_the_goal_at_full_speed():
-    from metarun.families.rl import navigation_oracle_return
+    from metarun.rl.references import navigation_oracle_return
     from metarun.rl.envs import navigation2d
 
     env = navigation2d()
@@ -92,6 +92,19 @@ def test_the_navigation_oracle_moves_straight_to_the_goal_at_full_speed():
     # goal (0.3, −0.2): the y coordinate arrives one step early
     expected = -(np.hypot(0.2, 0.1) + 0.1)
     assert float(navigation_oracle_return(env, jnp.array([0.3, -0.2]))) == pytest.approx(expected, 1e-5)
+
+
+def test_bandit_summaries_carry_oracle_thompson_and_regret_rows_on_the_same_tasks():
+    family = load_family(small("experiment=rl2_bernoulli_bandit", "dataset.horizon=50"))
+    tasks = np.array([[0.9, 0.1, 0.9], [0.9, 0.9, 0.1]] * 10, np.float32)  # exp_reward_best, reward_probs
+    returns = np.arange(20, dtype=np.float64) + 20.0
+    out = family.summarize({"return": returns, "_task": tasks})
+    m = out["metrics"]
+    assert "_task" not in m and out["mean"] == pytest.approx(returns.mean())
+    assert m["oracle_return"]["mean"] == pytest.approx(45.0) and m["regret"]["mean"] == pytest.approx(45.0 - returns.mean())
+    # Thompson sampling learns the arms: well above random play (25), below the oracle
+    assert 35.0 < m["thompson_return"]["mean"] < 45.0
+    assert m["thompson_regret"]["mean"] == pytest.approx(45.0 - m["thompson_return"]["mean"])
 
 
 # ---- learning -------------------------------------------------------------------------------------------

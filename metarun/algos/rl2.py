@@ -47,10 +47,12 @@ def trial_advantages(traj, gamma: float, baseline: str, family) -> jax.Array:
     return jax.lax.stop_gradient(adv)
 
 
-def rl2(policy, family, episodes: int, baseline: str = "time", info=None) -> MetaAlgorithm:
+def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = False, info=None) -> MetaAlgorithm:
     """Builds RL² over a recurrent policy (metarun.learners.rl_policies.GRU) and an `rl` family.
 
     meta_params: the policy's params; algo_state: {}.
+    record (evaluation): also `_task`, the task's parameters as a vector, from which the family
+    computes its reference rows (bandit: oracle, Thompson sampling, regrets) on the same tasks.
     """
     env = family.env
     init_carry = policy.initial_carry()
@@ -71,12 +73,15 @@ def rl2(policy, family, episodes: int, baseline: str = "time", info=None) -> Met
                                     init_carry)
 
     def loss(meta_params, algo_state, traj, query, key):
-        del algo_state, query, key  # the trial recorded in adapt is the data of the outer loss
+        del algo_state, key  # the trial recorded in adapt is the data of the outer loss
         log_probs = recurrent_log_probs(apply, meta_params, traj, init_carry)
         total = reinforce_loss(log_probs, trial_advantages(traj, family.settings.gamma, baseline, family), traj.valid)
         per_episode = episode_returns(traj, episodes)
         later = per_episode[1:].mean() if episodes > 1 else per_episode[0]
-        return total, {"loss": total, "return": later, **{f"return_ep{i + 1}": r for i, r in enumerate(per_episode)}}
+        metrics = {"loss": total, "return": later, **{f"return_ep{i + 1}": r for i, r in enumerate(per_episode)}}
+        if record:
+            metrics["_task"] = family.task_vector(query.env_params)
+        return total, metrics
 
     return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})
 
@@ -103,4 +108,4 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
     info = {"name": a.name, "episodes_per_trial": a.episodes_per_trial, "baseline": a.baseline,
             "outer": "REINFORCE over the trial through meta_opt", "inner_steps": None}
     policy = c.learner(c.family.head_dim(c.phase), discrete=c.family.env.discrete)
-    return rl2(policy, c.family, a.episodes_per_trial, a.baseline, info=info)
+    return rl2(policy, c.family, a.episodes_per_trial, a.baseline, record=not c.train, info=info)

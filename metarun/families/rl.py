@@ -20,6 +20,7 @@ from metarun.metrics import mean_ci95
 from metarun.registry import lookup, register
 from metarun.rl.envs import Env
 from metarun.rl.policy_gradient import linear_baseline_advantages
+from metarun.rl.references import bernoulli_thompson_return, navigation_oracle_return
 from metarun.rl.rollout import Trajectories, rollout, rollout_recurrent
 
 POLICY_LEARNERS = ("gaussian_mlp", "categorical_mlp", "gru")
@@ -49,23 +50,6 @@ class RLSettings(NamedTuple):
     gae_lambda: float
 
 
-def navigation_oracle_return(env: Env, goal) -> jax.Array:
-    """The return of the policy that knows the goal (action = goal − position; the env clips it to the
-    maximum speed) over one episode of navigation2d, through the env's own dynamics."""
-    from metarun.rl.envs import NavigationParams
-
-    params = NavigationParams(goal=goal)
-    obs, state = env.reset(jax.random.PRNGKey(0), params)
-
-    def body(carry, _):
-        obs, state, alive, total = carry
-        obs, state, reward, done = env.step(jax.random.PRNGKey(0), state, goal - obs, params)
-        return (obs, state, alive & ~done, total + reward * alive), None
-
-    carry = (obs, state, jnp.array(True), jnp.zeros((), jnp.float32))
-    return jax.lax.scan(body, carry, None, length=env.max_steps)[0][3]
-
-
 @register("family", "rl")
 class RLFamily(TaskFamily):
     """Tasks drawn from an environment's task distribution by the key alone (data = {} per split).
@@ -82,7 +66,7 @@ class RLFamily(TaskFamily):
         super().__init__(name, {s: {} for s in SPLITS})
         self.settings = settings
         self.env = settings.env
-        self._oracle_fn = None
+        self._references = {}
 
     # -- what algorithms ask ---------------------------------------------------------------
     def objective(self, outputs, y, mask=None):
@@ -138,19 +122,37 @@ class RLFamily(TaskFamily):
         return sample
 
     def summarize(self, per_task):
-        """The protocol's numbers, plus a reference row on the same tasks where the env has an oracle:
-        navigation2d's `oracle_return` (straight to the goal at full speed) from the algorithm's `_task`."""
+        """The protocol's numbers, plus reference rows on the very tasks evaluated (from the algorithm's
+        `_task`): navigation2d's `oracle_return` (straight to the goal at full speed); the Bernoulli
+        bandit's `oracle_return` (the better arm's expected return), `thompson_return` and the regrets
+        (`regret` of the algorithm, `thompson_regret`) against the oracle."""
         out = super().summarize(per_task)
-        if self.env.name == "navigation2d" and "_task" in per_task:
-            goals = np.asarray(per_task["_task"], np.float32)[:, :2]
-            oracle = mean_ci95(np.asarray(self._oracle(jnp.asarray(goals))))
-            out["metrics"]["oracle_return"] = {"mean": oracle["mean"], "ci95": oracle["ci95"]}
+        if "_task" not in per_task:
+            return out
+        tasks = jnp.asarray(np.asarray(per_task["_task"], np.float32))
+        extra = {}
+        if self.env.name == "navigation2d":
+            extra["oracle_return"] = self._reference("nav", lambda g: navigation_oracle_return(self.env, g))(
+                tasks[:, :2])
+        elif self.env.name == "BernoulliBandit-misc":
+            # task_vector leaves in key order: exp_reward_best, reward_probs [2]
+            horizon = self.settings.horizon
+            oracle = np.asarray(tasks[:, 0]) * horizon
+            keys = jax.random.split(jax.random.PRNGKey(0), tasks.shape[0])
+            thompson = np.asarray(self._reference("ts", lambda p, k: bernoulli_thompson_return(p, k, horizon))(
+                tasks[:, 1:3], keys))
+            extra = {"oracle_return": oracle, "thompson_return": thompson, "thompson_regret": oracle - thompson,
+                     "regret": oracle - np.asarray(per_task[self.metric], np.float64)}
+        for name, values in extra.items():
+            stats = mean_ci95(np.asarray(values, np.float64))
+            out["metrics"][name] = {"mean": stats["mean"], "ci95": stats["ci95"]}
         return out
 
-    def _oracle(self, goals):
-        if self._oracle_fn is None:
-            self._oracle_fn = jax.jit(jax.vmap(lambda g: navigation_oracle_return(self.env, g)))
-        return self._oracle_fn(goals)
+    def _reference(self, name: str, fn):
+        """`fn` vmapped over tasks and jitted once per family (validation calls it again and again)."""
+        if name not in self._references:
+            self._references[name] = jax.jit(jax.vmap(fn))
+        return self._references[name]
 
     def plots(self, run_dir, per_task) -> List[str]:
         """trajectories.png (navigation2d): one trajectory per adaptation stage for 4 test goals, when the
