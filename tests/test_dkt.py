@@ -107,3 +107,22 @@ def test_a_family_it_cannot_serve_is_refused():
     with pytest.raises(UserError, match="algo=dkt serves classification and regression datasets; "
                                         "dataset=split_omniglot is stream"):
         build(cfg.algo, Collaborators(Stream(), lambda *a, **k: None, cfg.learner, "train"))
+
+
+def test_gp_matches_tinygp():
+    tinygp = pytest.importorskip("tinygp")
+    noise, ls, s = 0.05, 0.7, 1.3
+    with jax.enable_x64(True):
+        xs, xq, y = (jnp.asarray(a, jnp.float64) for a in (XS, XQ, Y[:, 0]))
+        gp = tinygp.GaussianProcess(s**2 * tinygp.kernels.ExpSquared(scale=ls), xs, diag=noise)
+        cond = gp.condition(y, xq).gp
+        hp = {"log_lengthscale": jnp.log(ls), "log_outputscale": jnp.log(s)}
+        mean, var = gp_posterior(kernel_matrix("rbf", hp, xs, xs), kernel_matrix("rbf", hp, xq, xs),
+                                 jnp.diag(kernel_matrix("rbf", hp, xq, xq)), y[:, None], noise)
+        np.testing.assert_allclose(np.asarray(mean[:, 0]), np.asarray(cond.loc), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(var), np.asarray(cond.variance), rtol=1e-4, atol=1e-6)
+        nll = gp_neg_log_marginal_likelihood(kernel_matrix("rbf", hp, xs, xs), y[:, None], noise)
+        # JITTER (1e-5) is added to our noise: compare with tinygp at the same total noise.
+        want = -tinygp.GaussianProcess(s**2 * tinygp.kernels.ExpSquared(scale=ls), xs,
+                                       diag=noise + 1e-5).log_probability(y) / 4
+        np.testing.assert_allclose(float(nll), float(want), rtol=1e-6)
