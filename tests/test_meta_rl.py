@@ -82,6 +82,38 @@ def test_maml_rl_inner_step_is_a_reinforce_step_with_the_linear_baseline():
     assert np.abs(got["mean"]["kernel"] - kernel).max() > 1e-3  # the step moved something
 
 
+def test_first_order_maml_rl_is_the_query_gradient_at_the_adapted_weights():
+    """FO-MAML-RL's meta-gradient = ∇_φ L_query(φ) at φ = the adapted weights; second order differs."""
+    from metarun.algos.base import task_grad
+    from metarun.rl.policy_gradient import reinforce_loss
+    from metarun.rl.rollout import policy_log_probs
+
+    base = ["algo=maml_rl", "dataset=navigation2d", "learner=gaussian_mlp", "learner.hidden=[8]",
+            "dataset.horizon=10", "dataset.fast_batch=4"]
+    cfg = small(*base, "algo.first_order=true")
+    family = load_family(cfg)
+    algo = make_algo(cfg, family, "train")
+    task = family.sampler("train")({}, jax.random.PRNGKey(5))
+    params, _ = algo.init(KEY, task)
+    key = jax.random.PRNGKey(9)
+    grads, _ = jax.jit(lambda p: task_grad(algo, p, {}, task, key))(params)
+
+    module = build_learner(cfg.learner, family.head_dim("train"))
+    apply = lambda p, o: module.apply({"params": p}, o)  # noqa: E731
+    adapt_key, loss_key = jax.random.split(key)  # metarun.algos.base.task_loss's split
+    fast = algo.adapt(params, {}, task.support, adapt_key)["params"]
+    traj = family.rollout(apply, fast, task.query.env_params, loss_key)
+    expected = jax.grad(lambda p: reinforce_loss(policy_log_probs(apply, p, traj), family.advantages(traj),
+                                                 traj.valid))(fast)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+    second = make_algo(small(*base), family, "train")
+    second_grads, _ = jax.jit(lambda p: task_grad(second, p, {}, task, key))(params)
+    gap = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(second_grads), jax.tree.leaves(grads)))
+    assert gap > 1e-4  # the inner step's Hessian term is really there in the second-order version
+
+
 def test_the_navigation_oracle_moves_straight_to_the_goal_at_full_speed():
     from metarun.rl.references import navigation_oracle_return
     from metarun.rl.envs import navigation2d
