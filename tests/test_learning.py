@@ -16,20 +16,20 @@ from conftest import compose
 
 # algo -> (extra overrides, train steps, required gain over the untrained model)
 CASES = {
-    "maml": ([], 60, 0.10),
-    "fomaml": ([], 60, 0.10),
-    "metasgd": (["meta_opt.lr=1e-2"], 60, 0.10),
-    "anil": ([], 60, 0.10),
-    "reptile": (["meta_opt=sgd", "meta_opt.lr=1.0", "algo.inner_lr=3e-3", "algo.eval_inner_steps=10",
-                 "task.shots=5", "task.test_shots=1", "task.queries=2", "task.test_queries=5"], 60, 0.10),
-    "protonet": (["meta_opt.lr=1e-2"], 60, 0.10),
-    "matchingnet": (["algo.distance=l2", "meta_opt.lr=1e-2"], 60, 0.10),
-    "relationnet": (["meta_opt.lr=1e-2"], 60, 0.10),
+    "maml": ([], 100, 0.08),
+    "fomaml": (["algo.inner_steps=3", "algo.inner_lr=0.1", "meta_opt.lr=3e-3"], 100, 0.08),
+    "metasgd": ([], 100, 0.08),
+    "anil": ([], 100, 0.08),
+    "reptile": (["meta_opt=sgd", "meta_opt.lr=1.0", "algo.inner_lr=1e-2", "algo.eval_inner_steps=10",
+                 "task.shots=5", "task.test_shots=1", "task.queries=2", "task.test_queries=5"], 100, 0.08),
+    "protonet": ([], 100, 0.08),
+    "matchingnet": (["algo.distance=l2"], 100, 0.08),
+    "relationnet": ([], 100, 0.08),
 }
 BASE = ["dataset=synthetic", "dataset.image_size=8", "dataset.noise=0.3", "dataset.classes=[40,10,10]",
         "learner.filters=8", "learner.blocks=2", "task.ways=5", "task.shots=1", "task.queries=5",
-        "train.meta_batch=4", "meta_opt.lr=1e-2", "train.steps_per_call=20", "train.log_every=20", "train.val_every=0",
-        "train.ckpt_every=1000", "train.progress=false", "eval.episodes=100", "eval.batch=50"]
+        "train.meta_batch=4", "meta_opt.lr=1e-2", "train.steps_per_call=50", "train.log_every=50", "train.val_every=0",
+        "train.ckpt_every=1000", "train.progress=false", "eval.episodes=100", "eval.batch=100"]
 
 
 def _test_metric(cfg, run_dir: Path, steps: int) -> float:
