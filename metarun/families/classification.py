@@ -75,8 +75,9 @@ def ece_with_ci(bins: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict:
     def ece(total):  # numpy twin of uncertainty.ece_from_bins over a leading resample axis
         return np.abs(total[..., 2, :] - total[..., 1, :]).sum(-1) / np.maximum(total[..., 0, :].sum(-1), 1.0)
 
-    picks = np.random.default_rng(seed).integers(0, n, (resamples, n))
-    boot = ece(bins[picks].sum(1)) if n > 1 else np.zeros(1)
+    # Each resample as episode multiplicities [R, n] times the bins: [R, 3, M] without an [R, n, 3, M] copy.
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples)
+    boot = ece((counts @ bins.reshape(n, -1)).reshape((resamples,) + bins.shape[1:]))
     return {"mean": float(ece(bins.sum(0))), "ci95": float(1.96 * boot.std(ddof=1)) if n > 1 else 0.0, "n": int(n)}
 
 
