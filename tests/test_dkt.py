@@ -8,7 +8,7 @@ import pytest
 
 from conftest import compose, stand_in_family
 from metarun.algos.dkt import (argmax_log_probs, gp_neg_log_marginal_likelihood, gp_posterior, init_kernel,
-                               kernel_matrix)
+                               kernel_fn, kernel_matrix)
 from metarun.errors import UserError
 
 RNG = np.random.default_rng(0)
@@ -30,15 +30,14 @@ def test_posterior_mean_and_variance_match_numpy():
     inv = np.linalg.inv(kss + noise * np.eye(4))
     want_mean = kqs @ inv @ Y
     want_var = np.diag(_np_rbf(XQ, XQ) - kqs @ inv @ kqs.T)
-    hp = _rbf_hp()
-    mean, var = gp_posterior(kernel_matrix("rbf", hp, XS, XS), kernel_matrix("rbf", hp, XQ, XS),
-                             jnp.diag(kernel_matrix("rbf", hp, XQ, XQ)), jnp.asarray(Y), noise)
+    k = kernel_fn("rbf", _rbf_hp())
+    xs, xq, y = (jnp.asarray(a, jnp.float32) for a in (XS, XQ, Y))
+    mean, var = gp_posterior(k, xs, y, xq, noise)
     np.testing.assert_allclose(np.asarray(mean), want_mean, rtol=2e-3, atol=2e-4)
     np.testing.assert_allclose(np.asarray(var), want_var, rtol=2e-3, atol=2e-4)
     # A padded support point (mask 0) is the same as no point at all.
     mask = jnp.array([1.0, 1.0, 1.0, 0.0])
-    m3, v3 = gp_posterior(jnp.asarray(kss), jnp.asarray(kqs), jnp.asarray(np.diag(_np_rbf(XQ, XQ))), jnp.asarray(Y),
-                          noise, mask)
+    m3, _ = gp_posterior(k, xs, y, xq, noise, mask)
     inv3 = np.linalg.inv(kss[:3, :3] + noise * np.eye(3))
     np.testing.assert_allclose(np.asarray(m3), kqs[:, :3] @ inv3 @ Y[:3], rtol=2e-3, atol=2e-4)
 
@@ -48,7 +47,8 @@ def test_marginal_likelihood_matches_numpy_and_its_gradient_finite_differences()
     k = _np_rbf(XS, XS) + noise * np.eye(4)
     _, logdet = np.linalg.slogdet(k)
     want = sum(0.5 * y @ np.linalg.solve(k, y) + 0.5 * logdet + 2 * np.log(2 * np.pi) for y in Y.T) / 8
-    got = gp_neg_log_marginal_likelihood(jnp.asarray(_np_rbf(XS, XS)), jnp.asarray(Y), noise)
+    got = gp_neg_log_marginal_likelihood(kernel_fn("rbf", _rbf_hp()), jnp.asarray(XS, jnp.float32),
+                                         jnp.asarray(Y, jnp.float32), noise)
     np.testing.assert_allclose(float(got), want, rtol=1e-4)
 
     with jax.enable_x64(True):
@@ -56,7 +56,7 @@ def test_marginal_likelihood_matches_numpy_and_its_gradient_finite_differences()
 
         def f(theta):  # (log lengthscale, log outputscale, log noise) -> loss
             hp = {"log_lengthscale": theta[0], "log_outputscale": theta[1]}
-            return gp_neg_log_marginal_likelihood(kernel_matrix("rbf", hp, xs, xs), y, jnp.exp(theta[2]))
+            return gp_neg_log_marginal_likelihood(kernel_fn("rbf", hp), xs, y, jnp.exp(theta[2]))
 
         theta = jnp.array([np.log(0.7), np.log(1.3), np.log(0.1)], jnp.float64)
         grad = np.asarray(jax.grad(f)(theta))
@@ -117,11 +117,10 @@ def test_gp_matches_tinygp():
         gp = tinygp.GaussianProcess(s**2 * tinygp.kernels.ExpSquared(scale=ls), xs, diag=noise)
         cond = gp.condition(y, xq).gp
         hp = {"log_lengthscale": jnp.log(ls), "log_outputscale": jnp.log(s)}
-        mean, var = gp_posterior(kernel_matrix("rbf", hp, xs, xs), kernel_matrix("rbf", hp, xq, xs),
-                                 jnp.diag(kernel_matrix("rbf", hp, xq, xq)), y[:, None], noise)
+        mean, var = gp_posterior(kernel_fn("rbf", hp), xs, y[:, None], xq, noise)
         np.testing.assert_allclose(np.asarray(mean[:, 0]), np.asarray(cond.loc), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(np.asarray(var), np.asarray(cond.variance), rtol=1e-4, atol=1e-6)
-        nll = gp_neg_log_marginal_likelihood(kernel_matrix("rbf", hp, xs, xs), y[:, None], noise)
+        nll = gp_neg_log_marginal_likelihood(kernel_fn("rbf", hp), xs, y[:, None], noise)
         # JITTER (1e-5) is added to our noise: compare with tinygp at the same total noise.
         want = -tinygp.GaussianProcess(s**2 * tinygp.kernels.ExpSquared(scale=ls), xs,
                                        diag=noise + 1e-5).log_probability(y) / 4

@@ -10,14 +10,15 @@ temperature to choose), and accuracy is the argmax of the posterior means, as in
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.stats import norm
 
+from metarun import gaussian_process as gp
 from metarun.algos.base import Collaborators, MetaAlgorithm
 from metarun.errors import UserError
 from metarun.learners import Net
@@ -50,64 +51,57 @@ def init_kernel(name: str, key, dim: int, lengthscale: float = 1.0, outputscale:
     raise UserError(f"algo.kernel={name} is unknown; expected one of: {', '.join(KERNELS)}")
 
 
-def kernel_matrix(name: str, hp: dict, a, b):
-    """[n, m] kernel between feature rows a [n, d] and b [m, d]."""
+def kernel_fn(name: str, hp: dict):
+    """The kernel with its hyperparameters bound, `(a [n, d], b [m, d]) -> [n, m]`, from metarun.gaussian_process."""
     if name == "rbf":
-        sq = jnp.square(a[:, None, :] - b[None, :, :]).sum(-1)
-        return jnp.exp(2 * hp["log_outputscale"] - 0.5 * sq * jnp.exp(-2 * hp["log_lengthscale"]))
+        return partial(gp.eq, lengthscale=jnp.exp(hp["log_lengthscale"]), variance=jnp.exp(2 * hp["log_outputscale"]))
     if name == "cosine":
         unit = lambda x: x / jnp.sqrt(jnp.square(x).sum(-1, keepdims=True) + 1e-12)  # noqa: E731
-        return jnp.exp(2 * hp["log_outputscale"]) * unit(a) @ unit(b).T
+        return lambda a, b: gp.linear(unit(a), unit(b), variance=jnp.exp(2 * hp["log_outputscale"]))
     if name == "spectral":
-        tau = a[:, None, :] - b[None, :, :]                                   # [n, m, d]
-        v = jnp.square(jnp.exp(hp["log_scales"]))                            # [Q, d]
-        mu = jnp.exp(hp["log_means"])                                         # [Q, d]
-        decay = jnp.exp(-2 * math.pi ** 2 * jnp.einsum("nmd,qd->qnm", jnp.square(tau), v))
-        waves = jnp.prod(jnp.cos(2 * math.pi * tau[None] * mu[:, None, None, :]), -1)  # [Q, n, m]
-        return jnp.einsum("q,qnm->nm", jnp.exp(hp["log_weights"]), decay * waves)
+        return partial(gp.spectral_mixture, weights=jnp.exp(hp["log_weights"]), means=jnp.exp(hp["log_means"]),
+                       variances=jnp.square(jnp.exp(hp["log_scales"])))
     raise UserError(f"algo.kernel={name} is unknown; expected one of: {', '.join(KERNELS)}")
 
 
-# ---- exact GP regression ------------------------------------------------------------------------------
-# TODO(issue 12): switch to metarun/gaussian_process.py (kernels, posterior, marginal likelihood) once it is
-# merged; these two functions are the few lines of Cholesky GP that DKT needs until then.
-def _masked_system(k, y, noise, mask):
-    """K + noise I over the real points; a padded point (mask 0) becomes an isolated unit-variance point with
-    target 0, which adds nothing to the quadratic form or the log-determinant and decouples from the rest."""
-    n = k.shape[0]
-    m = jnp.ones((n,), k.dtype) if mask is None else mask.astype(k.dtype)
-    system = (k + (noise + JITTER) * jnp.eye(n, dtype=k.dtype)) * (m[:, None] * m[None, :]) + jnp.diag(1.0 - m)
-    return system, y * m[:, None], m
+def kernel_matrix(name: str, hp: dict, a, b):
+    """[n, m] kernel between feature rows a [n, d] and b [m, d]."""
+    return kernel_fn(name, hp)(a, b)
 
 
-def gp_neg_log_marginal_likelihood(k, y, noise, mask=None):
+# ---- exact GP regression, one GP per target column (metarun.gaussian_process is single-output) ----------
+# vmap over the columns only: the Gram matrix and its Cholesky do not depend on y, so JAX computes them once.
+def _mask(x, mask):
+    return jnp.ones((x.shape[0],), x.dtype) if mask is None else mask.astype(x.dtype)
+
+
+def gp_neg_log_marginal_likelihood(k_fn, x, y, noise, mask=None):
     """-log N(y | 0, K + noise I) per point and output (gpytorch's ExactMarginalLogLikelihood scale).
 
     Args:
-      k: [n, n] kernel matrix of the training points.
-      y: [n, C] targets, one independent GP per column sharing the kernel.
-      noise: the Gaussian noise variance.
-      mask: optional [n], 1 = real point.
+      k_fn: the kernel, hyperparameters bound (kernel_fn).
+      x: [n, d] inputs (features); y: [n, C] targets, one independent GP per column sharing the kernel.
+      noise: the Gaussian noise variance (JITTER is added).
+      mask: optional [n], 1 = real point (padding contributes nothing).
     """
-    system, y, m = _masked_system(k, y, noise, mask)
-    chol = jnp.linalg.cholesky(system)
-    alpha = jax.scipy.linalg.cho_solve((chol, True), y)
-    n, c = m.sum(), y.shape[1]
-    nll = 0.5 * (y * alpha).sum() + c * jnp.log(jnp.diag(chol)).sum() + 0.5 * n * c * jnp.log(2 * jnp.pi)
-    return nll / jnp.maximum(n * c, 1.0)
+    m = _mask(x, mask)
+    lml = jax.vmap(lambda col: gp.log_marginal_likelihood(k_fn, x, col, m, noise + JITTER), in_axes=1)(y)
+    return -lml.sum() / jnp.maximum(m.sum() * y.shape[1], 1.0)
 
 
-def gp_posterior(k_ss, k_qs, k_qq_diag, y, noise, mask=None):
-    """The exact GP posterior of the latent function at query points: (mean [q, C], variance [q]).
+def gp_posterior(k_fn, xs, y, xq, noise, mask=None):
+    """The exact GP posterior of the latent function at the queries xq: (mean [q, C], variance [q]).
 
-    mean = K_qs (K_ss + noise I)^-1 y,  var = diag(K_qq) - diag(K_qs (K_ss + noise I)^-1 K_sq).
+    metarun.gaussian_process.posterior predicts the noisy targets; the latent variance drops the noise.
     """
-    system, y, m = _masked_system(k_ss, y, noise, mask)
-    chol = jnp.linalg.cholesky(system)
-    k_qs = k_qs * m[None, :]
-    mean = k_qs @ jax.scipy.linalg.cho_solve((chol, True), y)
-    half = jax.scipy.linalg.solve_triangular(chol, k_qs.T, lower=True)   # [n, q]
-    return mean, jnp.maximum(k_qq_diag - jnp.square(half).sum(0), 0.0)
+    m = _mask(xs, mask)
+    mean, diag = jax.vmap(lambda col: _mean_and_diag(k_fn, xs, col, m, xq, noise + JITTER), in_axes=1)(y)
+    return mean.T, jnp.maximum(diag[0] - (noise + JITTER), 0.0)
+
+
+def _mean_and_diag(k_fn, xs, y, mask, xq, noise):
+    mean, cov = gp.posterior(k_fn, xs, y, mask, xq, noise)
+    return mean, jnp.diagonal(cov)
 
 
 # ---- one-vs-rest class probabilities -----------------------------------------------------------------
@@ -168,10 +162,8 @@ def dkt(net: Net, family, kernel: str, train: bool, lengthscale: float = 1.0, ou
         return {"features": features(meta_params["net"], support.x), "support": support}
 
     def predict(meta_params, zs, zq, support):
-        hp, noise_var = meta_params["kernel"], jnp.exp(meta_params["log_noise"])
-        k_qq = jax.vmap(lambda z: kernel_matrix(kernel, hp, z[None], z[None])[0, 0])(zq)
-        return gp_posterior(kernel_matrix(kernel, hp, zs, zs), kernel_matrix(kernel, hp, zq, zs), k_qq,
-                            targets(support.y), noise_var, support.mask)
+        return gp_posterior(kernel_fn(kernel, meta_params["kernel"]), zs, targets(support.y), zq,
+                            jnp.exp(meta_params["log_noise"]), support.mask)
 
     def loss(meta_params, algo_state, task_state, query, key):
         del key, algo_state
@@ -188,8 +180,8 @@ def dkt(net: Net, family, kernel: str, train: bool, lengthscale: float = 1.0, ou
         y_all = jnp.concatenate([targets(support.y), targets(query.y)])
         mask_all = None if support.mask is None else jnp.concatenate(
             [support.mask, jnp.ones((zq.shape[0],), support.mask.dtype) if query.mask is None else query.mask])
-        mll_loss = gp_neg_log_marginal_likelihood(kernel_matrix(kernel, meta_params["kernel"], z_all, z_all),
-                                                  y_all, jnp.exp(meta_params["log_noise"]), mask_all)
+        mll_loss = gp_neg_log_marginal_likelihood(kernel_fn(kernel, meta_params["kernel"]), z_all, y_all,
+                                                  jnp.exp(meta_params["log_noise"]), mask_all)
         mean, var = predict(meta_params, zs, zq, support)
         if classify:
             _, metrics = family.objective(argmax_log_probs(mean, var), query.y, query.mask)
@@ -247,7 +239,7 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
             raise UserError(f"algo.{key}={a[key]} must be > 0")
     info = {"name": "dkt", "kernel": a.kernel, **({"mixtures": a.mixtures} if a.kernel == "spectral" else {}),
             "init_lengthscale": a.init_lengthscale, "init_outputscale": a.init_outputscale,
-            "init_noise": a.init_noise, "gp": "exact (Cholesky)",
+            "init_noise": a.init_noise, "gp": "exact (metarun.gaussian_process)",
             "classification": "one-vs-rest GP regression onto ±1, shared kernel"}
     net = Net(c.learner(None), c.train, c.transductive)
     return dkt(net, c.family, a.kernel, c.train, a.init_lengthscale, a.init_outputscale, a.init_noise, a.mixtures,
