@@ -170,7 +170,8 @@ def _loop(cfg, run_dir, family, algo, optimizer, state, evaluator, validator, ck
             now = time.perf_counter()
             row = {"step": step, "wall_s": round(wall_offset + now - t0, 3),
                    "steps_per_s": round((step - last_log_step) / max(now - last_log_time, 1e-9), 3)}
-            row.update({f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]})
+            # "_"-prefixed metrics are for the evaluator (e.g. calibration bins), not the training log.
+            row.update({f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0] if not k.startswith("_")})
             if skipped:
                 row["skipped_steps"] = skipped
             last_log_time, last_log_step = now, step
