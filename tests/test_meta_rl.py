@@ -188,7 +188,8 @@ def test_maml_rl_smoke_run_writes_results_with_returns_before_and_after(tmp_path
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     assert all("train/return" in r and "train/return_before" in r for r in rows) and "val/return" in rows[1]
     assert any(p.name.isdigit() for p in (tmp_path / "checkpoints" / "last").iterdir())
-    assert results["plots"] == ["trajectories.png"] and (tmp_path / "trajectories.png").stat().st_size > 0
+    assert results["plots"] == ["returns.png", "trajectories.png"]
+    assert all((tmp_path / name).stat().st_size > 0 for name in results["plots"])
 
 
 def test_a_resumed_maml_rl_run_ends_where_an_uninterrupted_one_does(tmp_path):

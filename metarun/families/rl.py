@@ -16,7 +16,7 @@ import numpy as np
 from metarun.data.tasks import Task
 from metarun.errors import UserError
 from metarun.families.base import SPLITS, TaskFamily
-from metarun.metrics import mean_ci95
+from metarun.metrics import MetricsLog, mean_ci95
 from metarun.registry import lookup, register
 from metarun.rl.envs import Env
 from metarun.rl.policy_gradient import linear_baseline_advantages
@@ -155,15 +155,25 @@ class RLFamily(TaskFamily):
         return self._references[name]
 
     def plots(self, run_dir, per_task) -> List[str]:
-        """trajectories.png (navigation2d): one trajectory per adaptation stage for 4 test goals, when the
-        algorithm recorded them (maml_rl's `_paths`, `_task`)."""
-        if not self.draws_paths or "_paths" not in per_task or "_task" not in per_task:
-            return []
-        from metarun.plots.rl_trajectories import navigation_paths  # matplotlib only when a plot is drawn
+        """returns.png: the run's return curves (before / after adaptation, validation) from its
+        metrics.jsonl (a training run; mode=eval's directory has none); trajectories.png (navigation2d):
+        one trajectory per adaptation stage for 4 test goals, when the algorithm recorded them
+        (maml_rl's `_paths`, `_task`)."""
+        written = []
+        log_path = Path(run_dir) / "metrics.jsonl"
+        if log_path.exists():
+            from metarun.plots.rl_curves import return_curves  # matplotlib only when a plot is drawn
 
-        path = navigation_paths(per_task["_paths"], np.asarray(per_task["_task"])[:, :2],
-                                Path(run_dir) / "trajectories.png", title=f"{self.name}: test goals")
-        return [path.name]
+            path = return_curves(MetricsLog(log_path).read(), Path(run_dir) / "returns.png",
+                                 title=f"{self.name}: return by meta-step")
+            written += [path.name] if path is not None else []
+        if self.draws_paths and "_paths" in per_task and "_task" in per_task:
+            from metarun.plots.rl_trajectories import navigation_paths
+
+            path = navigation_paths(per_task["_paths"], np.asarray(per_task["_task"])[:, :2],
+                                    Path(run_dir) / "trajectories.png", title=f"{self.name}: test goals")
+            written.append(path.name)
+        return written
 
     def describe(self, split: str):
         s = self.settings
