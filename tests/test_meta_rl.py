@@ -137,6 +137,7 @@ def test_bandit_summaries_carry_oracle_thompson_and_regret_rows_on_the_same_task
     # Thompson sampling learns the arms: well above random play (25), below the oracle
     assert 35.0 < m["thompson_return"]["mean"] < 45.0
     assert m["thompson_regret"]["mean"] == pytest.approx(45.0 - m["thompson_return"]["mean"])
+    assert 30.0 < m["ucb_return"]["mean"] < 45.0 and m["ucb_regret"]["mean"] > 0
 
 
 # ---- learning -------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from metarun.metrics import MetricsLog, mean_ci95
 from metarun.registry import lookup, register
 from metarun.rl.envs import Env
 from metarun.rl.policy_gradient import linear_baseline_advantages
-from metarun.rl.references import bernoulli_thompson_return, navigation_oracle_return
+from metarun.rl.references import bernoulli_thompson_return, bernoulli_ucb_return, navigation_oracle_return
 from metarun.rl.rollout import Trajectories, rollout, rollout_recurrent
 
 POLICY_LEARNERS = ("gaussian_mlp", "categorical_mlp", "gru")
@@ -124,8 +124,8 @@ class RLFamily(TaskFamily):
     def summarize(self, per_task):
         """The protocol's numbers, plus reference rows on the very tasks evaluated (from the algorithm's
         `_task`): navigation2d's `oracle_return` (straight to the goal at full speed); the Bernoulli
-        bandit's `oracle_return` (the better arm's expected return), `thompson_return` and the regrets
-        (`regret` of the algorithm, `thompson_regret`) against the oracle."""
+        bandit's `oracle_return` (the better arm's expected return), `thompson_return`, `ucb_return` and the
+        regrets (`regret` of the algorithm, `thompson_regret`, `ucb_regret`) against the oracle."""
         out = super().summarize(per_task)
         if "_task" not in per_task:
             return out
@@ -141,7 +141,10 @@ class RLFamily(TaskFamily):
             keys = jax.random.split(jax.random.PRNGKey(0), tasks.shape[0])
             thompson = np.asarray(self._reference("ts", lambda p, k: bernoulli_thompson_return(p, k, horizon))(
                 tasks[:, 1:3], keys))
+            ucb = np.asarray(self._reference("ucb", lambda p, k: bernoulli_ucb_return(p, k, horizon))(
+                tasks[:, 1:3], keys))
             extra = {"oracle_return": oracle, "thompson_return": thompson, "thompson_regret": oracle - thompson,
+                     "ucb_return": ucb, "ucb_regret": oracle - ucb,
                      "regret": oracle - np.asarray(per_task[self.metric], np.float64)}
         for name, values in extra.items():
             stats = mean_ci95(np.asarray(values, np.float64))

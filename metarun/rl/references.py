@@ -1,8 +1,9 @@
 """Reference policies computed by our own code on the tasks evaluated: reference rows for results.json.
 
 navigation_oracle_return: the policy that knows the goal (navigation2d).
-bernoulli_thompson_return: Thompson sampling with independent Beta(1, 1) priors per arm (the
-  classical bandit learner RL² is compared with: Wang et al. 2016, Duan et al. 2016).
+bernoulli_thompson_return: Thompson sampling with independent Beta(1, 1) priors per arm, and
+bernoulli_ucb_return: UCB1 (Auer et al. 2002) — the classical bandit learners RL² is compared with
+  (Wang et al. 2016, Duan et al. 2016).
 Pure JAX, vmappable over tasks.
 """
 from __future__ import annotations
@@ -47,5 +48,27 @@ def bernoulli_thompson_return(probs: jax.Array, key: jax.Array, horizon: int, ru
 
         start = (jnp.zeros(arms), jnp.zeros(arms))
         return jax.lax.scan(body, start, jax.random.split(run_key, horizon))[1].sum()
+
+    return jax.vmap(one_run)(jax.random.split(key, runs)).mean()
+
+
+def bernoulli_ucb_return(probs: jax.Array, key: jax.Array, horizon: int, runs: int = 20) -> jax.Array:
+    """Mean return over `runs` runs of UCB1 on arms paying 1 with probabilities `probs` [K]: every arm
+    once, then argmax of mean_k + sqrt(2 ln t / n_k)."""
+    arms = probs.shape[0]
+
+    def one_run(run_key):
+        def body(carry, inputs):
+            sums, counts = carry
+            t, step_key = inputs
+            bonus = jnp.sqrt(2.0 * jnp.log(jnp.maximum(t, 1).astype(jnp.float32)) / jnp.maximum(counts, 1.0))
+            score = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0) + bonus, jnp.inf)
+            arm = jnp.argmax(score)  # untried arms (score inf) first, in index order
+            reward = jax.random.bernoulli(step_key, probs[arm]).astype(jnp.float32)
+            hit = jax.nn.one_hot(arm, arms)
+            return (sums + hit * reward, counts + hit), reward
+
+        start = (jnp.zeros(arms), jnp.zeros(arms))
+        return jax.lax.scan(body, start, (jnp.arange(horizon), jax.random.split(run_key, horizon)))[1].sum()
 
     return jax.vmap(one_run)(jax.random.split(key, runs)).mean()
