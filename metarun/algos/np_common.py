@@ -28,7 +28,7 @@ from metarun import gaussian_process as gp
 from metarun.algos import np_objectives as objectives
 from metarun.algos.base import Collaborators, MetaAlgorithm
 from metarun.errors import UserError
-from metarun.learners.neural_process import LATENT_RNG, LatentOutput
+from metarun.learners.neural_process import LATENT_RNG, LatentOutput, clean_context
 
 OBJECTIVES = ("elbo", "ml", "iw")
 METRICS = ("log_likelihood", "mse", "kl")
@@ -49,9 +49,13 @@ def _ones_if_none(mask, n, dtype=jnp.float32):
 
 
 def context_of(examples) -> Dict[str, jax.Array]:
-    """The masked set as a dict (x [n, dx], y [n, dy], mask [n]); a missing mask means every point is real."""
+    """The masked set as a dict (x [n, dx], y [n, dy], mask [n]); a missing mask means every point is real.
+
+    Padding is zeroed (even NaN or inf junk): the exact-GP metric multiplies by the mask, and 0 * NaN is NaN."""
     y = examples.y.reshape(examples.y.shape[0], -1)
-    return {"x": examples.x, "y": y, "mask": _ones_if_none(examples.mask, examples.x.shape[0], examples.x.dtype)}
+    mask = _ones_if_none(examples.mask, examples.x.shape[0], examples.x.dtype)
+    x, y, mask = clean_context(examples.x, y, mask)
+    return {"x": x, "y": y, "mask": mask}
 
 
 def masked_mse(loc, y, mask):
