@@ -9,12 +9,19 @@ from typing import Optional
 from metarun.algos import Collaborators, MetaAlgorithm, build_algo
 from metarun.core import TrainState, init_state
 from metarun.families import TaskFamily, build_family
+from metarun.init_from import apply_init_from, check_source, init_dir
 from metarun.learners import build_learner
 from metarun.optim import make_optimizer
+from metarun.regularize import check_regularize
 
 
 def load_family(cfg) -> TaskFamily:
-    family = build_family(cfg.dataset, cfg.task, cfg.seed)
+    """The task family of `cfg`, with the issue-15 techniques it owns: augmentation of training tasks and
+    label smoothing (`.get`: configs saved before those sections existed have neither)."""
+    regularize = cfg.get("regularize")
+    check_regularize(regularize)
+    family = build_family(cfg.dataset, cfg.task, cfg.seed, augment=cfg.get("augment"),
+                          label_smoothing=regularize.get("label_smoothing", 0.0) if regularize is not None else 0.0)
     family.check_learner(cfg.learner)
     return family
 
@@ -25,13 +32,29 @@ def make_algo(cfg, family: TaskFamily, phase: str, inner_steps: Optional[int] = 
                                   learner_cfg=cfg.learner, phase=phase,
                                   transductive=bool(cfg.eval.get("transductive", True)) if phase == "eval" else True,
                                   inner_steps=inner_steps)
-    return build_algo(cfg.algo, collaborators)
+    algo = build_algo(cfg.algo, collaborators)
+    source = init_dir(cfg)
+    if source:  # results.json's algo_config records where the learner started from
+        algo = algo._replace(info={**algo.info, "init_from": str(source)})
+    return algo
 
 
-def initial_state(cfg, family: TaskFamily):
+def initial_state(cfg, family: TaskFamily, init_from: bool = False):
     """(train algo, optimizer, the train state a run of `cfg` starts from): also the restore target
-    that a run's checkpoints are read into (resume, mode=eval)."""
+    that a run's checkpoints are read into (resume, mode=eval).
+
+    init_from: take the learner from `init.from`'s best checkpoint (metarun.init_from). Off by default:
+    a restore target only needs the shapes, and evaluating or resuming a run must not need its source
+    run on disk; the trainer turns it on for a fresh run.
+    """
     algo = make_algo(cfg, family, "train")
-    optimizer = make_optimizer(cfg.meta_opt, cfg.train.steps)
+    if init_from and init_dir(cfg):
+        check_source(cfg)  # refuse another learner's run before paying for an init
+    regularize = cfg.get("regularize")
+    optimizer = make_optimizer(cfg.meta_opt, cfg.train.steps,
+                               weight_decay=regularize.get("weight_decay", 0.0) if regularize is not None else 0.0)
     state: TrainState = init_state(algo, optimizer, family.sampler("train"), family.data["train"], cfg.seed)
+    if init_from and init_dir(cfg):
+        params, algo_state, _ = apply_init_from(cfg, state.params, state.algo_state)
+        state = state._replace(params=params, opt_state=optimizer.init(params), algo_state=algo_state)
     return algo, optimizer, state

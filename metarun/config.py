@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -93,6 +93,25 @@ class EvalConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """`augment=`: on-device augmentation of training tasks (metarun.data.augment.make_augment's keys)."""
+    name: str = "none"
+    crop_padding: int = 0           # pad then crop back at a random corner: random shifts of up to this many pixels
+    rotation_degrees: float = 0.0   # rotate by an angle from U[-d, d] (bilinear)
+    hflip: bool = False             # mirror left-right (not for characters: a mirrored character is another one)
+    hflip_prob: float = 0.5
+
+
+@dataclass
+class RegularizeConfig:
+    """`regularize=`: techniques every algorithm accepts (metarun.regularize)."""
+    name: str = "none"
+    weight_decay: float = 0.0       # decoupled (AdamW-style) decay of the meta-parameters' kernels, any meta_opt
+    label_smoothing: float = 0.0    # classification: the optimised cross-entropy's smoothing (inner and outer)
+    dropout: float = 0.0            # off; > 0 is refused until algorithms pass dropout keys to their learners
+
+
+@dataclass
 class Config:
     algo: Any = MISSING
     dataset: Any = MISSING
@@ -101,6 +120,11 @@ class Config:
     meta_opt: MetaOptConfig = field(default_factory=MetaOptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
+    # init.from=RUN_DIR: start the learner from another run's best checkpoint (metarun.init_from).
+    # A dict, not a dataclass: `from` is a Python keyword; metarun.init_from checks the keys.
+    init: Dict[str, Optional[str]] = field(default_factory=lambda: {"from": None})
     seed: int = 0
     mode: Mode = Mode.train
     ckpt: Optional[str] = None
@@ -120,6 +144,8 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     cs.store(group="task", name="task_schema", node=TaskConfig)
     cs.store(group="meta_opt", name="meta_opt_schema", node=MetaOptConfig)
+    cs.store(group="augment", name="augment_schema", node=AugmentConfig)
+    cs.store(group="regularize", name="regularize_schema", node=RegularizeConfig)
     for group, kind in GROUPS.items():
         for name, entry in entries(kind).items():
             if entry.schema is not None:

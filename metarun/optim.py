@@ -30,17 +30,32 @@ def make_schedule(cfg, total_steps: int):
     return main
 
 
-def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-    """Adam (default), AdamW or SGD with the configured schedule and optional global-norm clipping."""
+def make_optimizer(cfg, total_steps: int, weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """Adam (default), AdamW or SGD with the configured schedule and optional global-norm clipping.
+
+    weight_decay (regularize.weight_decay): decoupled decay of the kernels (metarun.regularize.decay_mask)
+    chained between the optimiser's direction and the learning rate, as optax.adamw does, so it follows
+    the schedule and works for adam and sgd alike. 0 builds exactly the optimiser without it.
+    """
+    from metarun.regularize import decay_mask
+
     lr = make_schedule(cfg, total_steps)
+    if weight_decay and cfg.name == "adamw":
+        raise UserError(f"regularize.weight_decay={weight_decay} and meta_opt.name=adamw both decay the weights; "
+                        f"use meta_opt.name=adam with regularize.weight_decay, or meta_opt.weight_decay alone")
     if cfg.name == "adam":
         opt = optax.adam(lr)
+        direction = optax.scale_by_adam()
     elif cfg.name == "adamw":
         opt = optax.adamw(lr, weight_decay=cfg.weight_decay)
     elif cfg.name == "sgd":
         opt = optax.sgd(lr, momentum=cfg.momentum)
+        direction = optax.trace(decay=cfg.momentum) if cfg.momentum is not None else optax.identity()
     else:
         raise UserError(f"meta_opt.name={cfg.name} is unknown; expected adam, adamw or sgd")
+    if weight_decay:
+        opt = optax.chain(direction, optax.add_decayed_weights(weight_decay, decay_mask),
+                          optax.scale_by_learning_rate(lr))
     if cfg.grad_clip:
         opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
     return opt

@@ -98,7 +98,8 @@ def _train(cfg, run_dir: Path, overrides: Optional[List[str]]) -> Optional[float
     mesh = sharding.task_mesh(cfg.train.meta_batch)  # None on one device; checks meta_batch divides
     log.info("loading dataset=%s ...", cfg.dataset.name)
     family = load_family(cfg)
-    algo, optimizer, state = initial_state(cfg, family)
+    # init.from (issue 15): a fresh run starts its learner from another run; a resumed one restores its own.
+    algo, optimizer, state = initial_state(cfg, family, init_from=not cfg.resume)
     evaluator = Evaluator(cfg, family, cfg.eval.split, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch,
                           list(cfg.eval.report_steps))
     validator = None

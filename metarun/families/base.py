@@ -82,12 +82,31 @@ class TaskFamily:
         """Refuse a learner that cannot read this family's inputs (one line)."""
 
 
-def build_family(dataset_cfg, task_cfg, seed: int = 0) -> TaskFamily:
-    """Load (or generate) the dataset named by `dataset.name` and wrap it in its task family."""
+def build_family(dataset_cfg, task_cfg, seed: int = 0, augment=None, label_smoothing: float = 0.0) -> TaskFamily:
+    """Load (or generate) the dataset named by `dataset.name` and wrap it in its task family.
+
+    augment: the `augment` section (training tasks only); label_smoothing: regularize.label_smoothing.
+    Passed to the family only when set, so families that do not take them are refused in one line.
+    """
+    import inspect
+
+    from metarun.families.augmenting import augment_from_config
+
     entry = lookup("dataset", dataset_cfg.name, "dataset")
     family_cls = lookup("family", entry.meta["family"]).build
+    techniques = {}
+    if augment_from_config(augment) is not None:
+        techniques["augment"] = augment
+    if label_smoothing:
+        techniques["label_smoothing"] = label_smoothing
+    accepted = inspect.signature(family_cls).parameters
+    for key in techniques:
+        if key not in accepted:
+            section = "augment" if key == "augment" else "regularize.label_smoothing"
+            raise UserError(f"{section} is for image classification; dataset={dataset_cfg.name} feeds the "
+                            f"{entry.meta['family']} family: leave it unset")
     payload = entry.build(dataset_cfg, seed)
-    return family_cls(dataset_cfg.name, payload, task_cfg, dataset_cfg)
+    return family_cls(dataset_cfg.name, payload, task_cfg, dataset_cfg, **techniques)
 
 
 def check_positive(section: str, cfg, keys) -> None:

@@ -12,8 +12,10 @@ import optax
 
 from metarun.data.tasks import make_image_sampler
 from metarun.errors import UserError
+from metarun.families.augmenting import augment_from_config, augmented
 from metarun.families.base import SPLITS, TaskFamily, check_positive
 from metarun.registry import register
+from metarun.regularize import smoothed_cross_entropy
 from metarun.uncertainty import brier, calibration_bins, nll
 
 
@@ -88,7 +90,8 @@ class ClassificationFamily(TaskFamily):
     metric = "accuracy"
     higher_is_better = True
 
-    def __init__(self, name: str, arrays: Dict[str, np.ndarray], task_cfg, dataset_cfg):
+    def __init__(self, name: str, arrays: Dict[str, np.ndarray], task_cfg, dataset_cfg, augment=None,
+                 label_smoothing: float = 0.0):
         check_positive("task", task_cfg, ("ways", "shots", "queries", "test_ways", "test_shots", "test_queries"))
         super().__init__(name, {s: jax.device_put(np.ascontiguousarray(a)) for s, a in arrays.items()})
         self.num_classes = {s: int(a.shape[0]) for s, a in arrays.items()}
@@ -96,9 +99,16 @@ class ClassificationFamily(TaskFamily):
         self.image_shape = tuple(next(iter(arrays.values())).shape[2:])
         self.shapes = episode_shapes(task_cfg)
         self.class_split = dataset_cfg.get("split")
+        # Issue 15 techniques: augmentation of training tasks; smoothing of the optimised cross-entropy.
+        self.augment = augment_from_config(augment)
+        self.label_smoothing = float(label_smoothing)
 
     def objective(self, logits, labels, mask=None):
-        return classification_objective(logits, labels, mask)
+        loss, metrics = classification_objective(logits, labels, mask)
+        if self.label_smoothing:  # the optimised loss (inner and outer); nll and calibration stay unsmoothed
+            loss = smoothed_cross_entropy(logits, labels, self.label_smoothing)
+            metrics = {**metrics, "loss": loss}
+        return loss, metrics
 
     def ways(self, phase: str) -> int:
         return self.shapes["train" if phase == "train" else "test"].ways
@@ -117,7 +127,9 @@ class ClassificationFamily(TaskFamily):
         if shape.shots + shape.queries > self.examples_per_class:
             raise UserError(f"task shots+queries={shape.shots + shape.queries} exceeds the "
                             f"{self.examples_per_class} examples per class of dataset={self.name}")
-        return make_image_sampler(shape.ways, shape.shots, shape.queries)
+        sample = make_image_sampler(shape.ways, shape.shots, shape.queries)
+        # Training tasks only: validation and test episodes are the fixed, unaugmented protocol.
+        return augmented(sample, self.augment) if split == "train" and self.augment is not None else sample
 
     def summarize(self, per_task: Dict[str, np.ndarray]) -> Dict[str, Any]:
         """Accuracy ± 95% CI and every other metric ± CI, plus `ece`: the ECE of all test queries pooled
