@@ -37,6 +37,7 @@ def test_a_short_training_run_writes_results_and_predictions(algo, tmp_path):
     assert np.isfinite(results["mean"]) and results["score"] == results["mean"]
     assert {"mse", "kl"} <= set(results["metrics"]) and results["metrics"]["kl"]["mean"] > 0
     assert not any(k.startswith("_") for k in results["metrics"])
+    assert {"exact_gp_log_likelihood", "diagonal_gp_kl", "trivial_kl"} <= set(results["metrics"])  # reference rows
     assert results["plots"] == ["predictions.png"] and (tmp_path / "predictions.png").stat().st_size > 10_000
     assert results["shots"] == 30 and results["queries"] == 50 and results["min_shots"] == 0
 
@@ -194,3 +195,37 @@ def test_presets_set_the_benchmark_tasks_and_report_the_log_likelihood(algo_name
     assert (cfg.dataset.name, cfg.dataset.max_context, cfg.dataset.num_targets) == ("sawtooth", 75, 100)
     # maml on the same tasks keeps mse (it predicts no variance)
     assert compose(["algo=maml", "learner=mlp", "dataset=gp"]).dataset.metric == "mse"
+
+
+# Bruinsma (2022), 1D synthetic tables, interpolation: KL per target of the diagonal GP and of the trivial model.
+PUBLISHED_REFERENCES = {"eq": (0.40, 1.19), "matern52": (0.40, 1.08), "weakly_periodic": (0.38, 0.82)}
+
+
+@pytest.mark.parametrize("kernel", sorted(PUBLISHED_REFERENCES))
+def test_reference_rows_on_our_gp_tasks_match_the_published_ones(kernel):
+    """Our tasks (sampler, kernel hyperparameters, noise, context sizes) and our exact-GP code reproduce the
+    reference rows of the published tables: a wrong lengthscale, noise or context distribution moves them."""
+    from metarun.build import load_family
+    from metarun.data.tasks import sample_batch
+    from metarun.gp_references import reference_rows
+
+    family = load_family(compose(["algo=cnp", "dataset=gp", f"dataset.kernel={kernel}"]))
+    t = sample_batch(family.sampler("test"), {}, jax.random.key(0), 512)
+    kernel_fn, noise = family.gp_prior
+    rows = jax.jit(jax.vmap(partial(reference_rows, kernel_fn, noise)))(
+        t.support.x, t.support.y, t.support.mask, t.query.x, t.query.y, t.query.mask)
+    diagonal, trivial = PUBLISHED_REFERENCES[kernel]
+    assert abs(float(rows["diagonal_gp_kl"].mean()) - diagonal) < 0.06
+    assert abs(float(rows["trivial_kl"].mean()) - trivial) < 0.04
+    assert float(rows["exact_gp_log_likelihood"].mean()) > float(rows["diagonal_gp_log_likelihood"].mean()) > float(
+        rows["trivial_log_likelihood"].mean())
+
+
+def test_the_extrapolation_regime_moves_only_the_test_targets():
+    from metarun.build import load_family
+
+    family = load_family(compose(["algo=cnp", "dataset=gp", "dataset.test_regime=extrapolation"]))
+    test = family.sampler("test")({}, jax.random.key(0))
+    val = family.sampler("val")({}, jax.random.key(0))
+    assert float(test.query.x.min()) >= 2.0 and float(test.support.x.max()) <= 2.0
+    assert float(val.query.x.max()) <= 2.0 and family.describe("test")["test_regime"] == "extrapolation"

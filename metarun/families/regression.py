@@ -15,6 +15,7 @@ import numpy as np
 
 from metarun.errors import UserError
 from metarun.families.base import SPLITS, TaskFamily, check_positive
+from metarun.metrics import mean_ci95
 from metarun.registry import register
 
 
@@ -38,6 +39,8 @@ METRICS = {"mse": False, "log_likelihood": True, "kl": False}
 # for predictions.png: the context and the targets, and the predictive on a grid of inputs per task.
 PLOT_KEYS = ("_plot_x_context", "_plot_y_context", "_plot_mask_context", "_plot_x_target", "_plot_y_target",
              "_plot_x_grid", "_plot_mean", "_plot_std")
+# The tasks themselves (with the targets' mask): the GP reference rows are computed on them.
+TASK_KEYS = PLOT_KEYS[:5] + ("_plot_mask_target",)
 PLOT_SAMPLES = "_plot_samples"  # optional [S, G]: sampled functions of a latent model
 PLOTTED_TASKS = 4               # the first test episodes (fixed seed: the same tasks for every algorithm)
 # The query-points-only contract of metarun/plots/predictions.py (docs/bayesian.md; `_std` optional).
@@ -107,7 +110,26 @@ class RegressionFamily(TaskFamily):
             raise UserError(f"dataset.metric={self.metric}: this algorithm reports only "
                             f"{', '.join(k for k in sorted(per_task) if not k.startswith('_'))} "
                             f"(it predicts no distribution); use dataset.metric=mse")
-        return super().summarize(per_task)
+        out = super().summarize(per_task)
+        if self.gp_prior is not None and all(k in per_task for k in TASK_KEYS):
+            # The reference rows on the very tasks evaluated (the algorithm recorded them): exact GP, diagonal
+            # GP, trivial model; metarun/gp_references.py.
+            for name, values in self._references(*(per_task[k] for k in TASK_KEYS)).items():
+                stats = mean_ci95(np.asarray(values, np.float64))
+                out["metrics"][name] = {"mean": stats["mean"], "ci95": stats["ci95"]}
+        return out
+
+    def _references(self, x_ctx, y_ctx, ctx_mask, x_tgt, y_tgt, tgt_mask):
+        """metarun.gp_references.reference_rows over the tasks (jitted once per family; validation repeats it)."""
+        if getattr(self, "_reference_fn", None) is None:
+            import jax
+
+            from metarun.gp_references import reference_rows
+
+            kernel_fn, noise = self.gp_prior
+            self._reference_fn = jax.jit(jax.vmap(lambda *task: reference_rows(kernel_fn, noise, *task)))
+        return self._reference_fn(*(jnp.asarray(np.asarray(a, np.float32)) for a in
+                                    (x_ctx, y_ctx, ctx_mask, x_tgt, y_tgt, tgt_mask)))
 
     def plots(self, run_dir, per_task: Dict[str, np.ndarray]) -> List[str]:
         """predictions.png: the first PLOTTED_TASKS test tasks with the context, the targets, the predictive
