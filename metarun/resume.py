@@ -10,6 +10,7 @@ from metarun.errors import UserError
 from metarun.metrics import atomic_write_text
 
 SAVED_CONFIG = "run_config.yaml"  # metarun's own copy, written once when a run starts; Hydra's .hydra/ may be rewritten
+SAVED_CHOICES = "run_choices.yaml"  # the config-group choices the run started with (experiment=..., debug=...)
 # Keys a resumed run may change: its length, logging, where the data is read from, and the final evaluation.
 SAFE_PREFIXES = ("train.steps", "train.progress", "train.log_every", "train.tensorboard", "train.keep_ckpts",
                  "dataset.local_dir", "dataset.cache_dir", "eval.", "resume", "mode", "ckpt")
@@ -22,6 +23,22 @@ def saved_config_path(run_dir: Path) -> Path:
 
 def save_config(run_dir: Path, cfg) -> None:
     atomic_write_text(saved_config_path(run_dir), OmegaConf.to_yaml(cfg))
+
+
+def save_choices(run_dir: Path) -> None:
+    """Record the group choices of a starting run (Hydra's runtime.choices), so a resume that repeats
+    them (`metarun experiment=X resume=true ...`) is recognised as the same run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        choices = {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
+    except Exception:  # no Hydra app (a direct call): group overrides cannot be repeated anyway
+        return
+    atomic_write_text(Path(run_dir) / SAVED_CHOICES, OmegaConf.to_yaml(OmegaConf.create(choices)))
+
+
+def _saved_choices(run_dir: Path) -> dict:
+    path = Path(run_dir) / SAVED_CHOICES
+    return dict(OmegaConf.to_container(OmegaConf.load(path))) if path.exists() else {}
 
 
 def _flatten(cfg, prefix: str = "") -> dict:
@@ -39,8 +56,9 @@ def _safe(key: str) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) or key.startswith(p + ".") for p in SAFE_PREFIXES)
 
 
-def _apply_overrides(saved, overrides: Iterable[str]):
-    """The saved config with the command line's `key=value` overrides applied; group choices are refused."""
+def _apply_overrides(saved, overrides: Iterable[str], choices: dict):
+    """The saved config with the command line's `key=value` overrides applied; a group choice must
+    repeat the run's own (`choices`), any other is refused."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     cfg = saved.copy()
@@ -50,7 +68,7 @@ def _apply_overrides(saved, overrides: Iterable[str]):
             continue
         if key in GROUPS:
             name = saved.get(key, {}).get("name") if key in ("algo", "dataset", "learner") else None
-            if name is not None and str(o.value()) == name:
+            if str(o.value()) in (choices.get(key), name) and str(o.value()) != "None":
                 continue
             raise UserError(f"resume=true takes the run's saved config: the group override {key}={o.value()} "
                             f"cannot change it; start a new run (another hydra.run.dir) instead")
@@ -73,7 +91,7 @@ def resume_config(run_dir: Path, requested, overrides: Optional[List[str]] = Non
                         + (", and .hydra/config.yaml is not a run's own" if legacy.exists() else "")
                         + "); start it without resume=true, or point hydra.run.dir at a run directory")
     saved = OmegaConf.load(path)
-    effective = _apply_overrides(saved, overrides) if overrides is not None else requested
+    effective = _apply_overrides(saved, overrides, _saved_choices(run_dir)) if overrides is not None else requested
     old, new = _flatten(saved), _flatten(effective)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not _safe(k))
     if changed:

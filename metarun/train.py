@@ -21,7 +21,7 @@ from metarun.evaluate import EPISODE_KEYS, Evaluator, check_eval_config, format_
 from metarun.learners import build_learner
 from metarun.metrics import MetricsLog
 from metarun.optim import make_optimizer
-from metarun.resume import restore_hydra_config, resume_config, save_config
+from metarun.resume import restore_hydra_config, resume_config, save_choices, save_config
 from metarun.runlock import RunLock
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,8 @@ def _train(cfg, run_dir: Path, overrides: Optional[List[str]]) -> Optional[float
         rows = metrics_log.truncate_after(start)
         wall_offset = max((r.get("wall_s", 0.0) for r in rows), default=0.0)
         log.info("resuming at step %d from %s", start, ckpts_dir)
+    if not cfg.resume:
+        save_choices(run_dir)
     save_config(run_dir, cfg)
     restore_hydra_config(run_dir)
     try:

@@ -1,7 +1,7 @@
 """Time metarun's MAML meta-step on the peer's workload, and the torch peer beside it.
 
 The step is built the way `metarun` trains: Hydra composes the config (dataset=synthetic),
-`train.initial_state` + `make_train_chunk`, episodes sampled on the device inside
+`build.initial_state` + `make_train_chunk`, episodes sampled on the device inside
 the jitted step. Defaults are the peer's workload (../shared/peer/maml_torch.py): 5-way
 1-shot, 15 queries, meta-batch 32, Conv-4 with 64 filters on 28x28x1, 1 inner step, second
 order, Adam outer step.
@@ -161,16 +161,15 @@ def bench_metarun(a, log):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+    from metarun.build import initial_state, load_family
     from metarun.core import make_train_chunk, resolve_task_batching
-    from metarun.data.sources import episode_shapes, load_task_source
-    from metarun.learners import resolve_conv_impl
-    from metarun.train import initial_state
+    from metarun.learners.conv4 import resolve_conv_impl
 
     cfg = compose(a)
-    source = load_task_source(cfg.dataset, cfg.seed)
-    sampler = source.sampler("train", episode_shapes(cfg.task)["train"])
-    data = source.data["train"]
-    algo, optimizer, state = initial_state(cfg, source)
+    family = load_family(cfg)
+    sampler = family.sampler("train")
+    data = family.data["train"]
+    algo, optimizer, state = initial_state(cfg, family)
     batching = resolve_task_batching(cfg.train.get("task_batching", "auto"))
     task_chunk = int(cfg.train.get("task_chunk", 1))
     chunk = make_train_chunk(algo, optimizer, sampler, cfg.train.meta_batch, cfg.train.steps_per_call,

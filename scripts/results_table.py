@@ -91,7 +91,9 @@ def row(run_dir: Path) -> dict:
     preset = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), None)
     algo = "mamlpp" if preset and preset.startswith("mamlpp") else results["algo"]
     ways, shots = results["ways"], results["shots"]
-    papers = PAPER_TRANSDUCTIVE if (cfg.get("algo") or {}).get("transductive") and algo in PAPER_TRANSDUCTIVE else PAPER
+    # How the run was scored: results.json says so (eval.transductive); older runs kept it in algo.transductive.
+    transductive = results.get("transductive", (cfg.get("algo") or {}).get("transductive"))
+    papers = PAPER_TRANSDUCTIVE if transductive and algo in PAPER_TRANSDUCTIVE else PAPER
     paper = papers.get(algo, (None,) * 4)[SETTINGS[(ways, shots)]] if (ways, shots) in SETTINGS else None
     ours = results["mean"] * 100 if results["mean"] is not None else None
     return {

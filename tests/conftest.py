@@ -142,13 +142,64 @@ def fake_omniglot_overrides(fake_omniglot_dir):
 
 def initial_and_last_state(cfg, run_dir: Path):
     """(the train state a run of `cfg` starts from, the newest state checkpointed in run_dir)."""
+    from metarun.build import initial_state, load_family
     from metarun.checkpoint import Checkpoints
-    from metarun.data.sources import load_task_source
-    from metarun.train import initial_state
 
-    start = initial_state(cfg, load_task_source(cfg.dataset, cfg.seed))[2]
+    start = initial_state(cfg, load_family(cfg))[2]
     ckpts = Checkpoints(Path(run_dir) / "checkpoints", cfg.train.keep_ckpts)
     try:
         return start, ckpts.restore_latest(start)
     finally:
         ckpts.close()
+
+
+def replay_training(cfg, start, steps: int):
+    """The train state after `steps` meta-steps from `start`, computed directly with core.make_train_chunk
+    in the trainer's chunks (train.chunk_size) and settings: the reference a run's checkpoint must equal."""
+    import jax
+
+    from metarun.build import load_family, make_algo
+    from metarun.core import make_train_chunk
+    from metarun.optim import make_optimizer
+    from metarun.train import chunk_size
+
+    family = load_family(cfg)
+    chunk = chunk_size(cfg)
+    assert steps % chunk == 0
+    skip = getattr(cfg.train.on_nonfinite, "value", cfg.train.on_nonfinite) == "skip_step"
+    train_chunk = make_train_chunk(make_algo(cfg, family, "train"), make_optimizer(cfg.meta_opt, cfg.train.steps),
+                                   family.sampler("train"), cfg.train.meta_batch, chunk,
+                                   task_batching=cfg.train.task_batching, task_chunk=cfg.train.task_chunk,
+                                   skip_nonfinite=skip)
+    state = jax.tree.map(lambda a: a.copy(), start)  # the chunk donates its input
+    for _ in range(steps // chunk):
+        state, _ = train_chunk(state, family.data["train"])
+    return state
+
+
+def stand_in_family(cfg):
+    """The task family of `cfg` over a one-class placeholder of the dataset's image shape: enough to build
+    an algorithm (head sizes, ways, objective, learner checks) without loading the data (presets name Omniglot)."""
+    import numpy as np
+
+    from metarun.families.base import SPLITS
+    from metarun.registry import lookup
+
+    entry = lookup("dataset", cfg.dataset.name)
+    family_cls = lookup("family", entry.meta["family"]).build
+    side = cfg.dataset.get("image_size", 28)
+    arrays = {s: np.zeros((1, 20, side, side, 1), np.uint8) for s in SPLITS}
+    family = family_cls(cfg.dataset.name, arrays, cfg.task, cfg.dataset)
+    family.check_learner(cfg.learner)
+    return family
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """One persistent XLA cache for the session: the trainer builds a fresh jitted closure per run, so
+    identical programs (the same tiny config in many tests) would otherwise be compiled again each time."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    yield

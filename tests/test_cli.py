@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -34,10 +35,18 @@ def test_cli_smoke_run_writes_a_complete_run_dir(tmp_path, fake_omniglot_overrid
     assert "val/accuracy" in rows[1]
     assert sorted(p.name for p in (run_dir / "checkpoints" / "last").iterdir() if p.name.isdigit()) == ["10", "20"]
     assert any(p.name.isdigit() for p in (run_dir / "checkpoints" / "best").iterdir())
+    assert (run_dir / "run_config.yaml").exists() and not (run_dir / ".metarun.lock").exists()
     results = json.loads((run_dir / "results.json").read_text())
     assert results["metric"] == "accuracy" and results["episodes"] == 20 and results["split"] == "test"
-    assert 0.0 <= results["mean"] <= 1.0 and results["ci95"] >= 0.0
+    assert results["score"] == results["mean"]  # accuracy: the score is the metric itself
+    assert results["ci95"] == pytest.approx(1.96 * results["std"] / math.sqrt(results["episodes"]))
+    # 20 meta-steps on the fake set's distinct drawings already put 5-way accuracy well above chance (1/5).
+    assert results["mean"] - results["ci95"] > 0.2
+    vals = {r["step"]: r["val/accuracy"] for r in rows if "val/accuracy" in r}
+    assert results["best_val_step"] in vals and results["best_val_score"] == pytest.approx(max(vals.values()))
+    assert vals[results["best_val_step"]] == pytest.approx(max(vals.values()))
     assert results["inner_steps"] == 3 and results["train_wall_s"] > 0
+    assert results["algo_config"]["name"] == "maml" and results["algo_config"]["eval_inner_steps"] == 3
     assert "test accuracy" in proc.stdout
 
     # mode=eval on that run reproduces the test figure from its best checkpoint.
@@ -46,20 +55,29 @@ def test_cli_smoke_run_writes_a_complete_run_dir(tmp_path, fake_omniglot_overrid
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = json.loads((eval_dir / "results.json").read_text())
     assert again["mean"] == pytest.approx(results["mean"]) and again["checkpoint"] == "best"
-    # MAML's head is 5-way: testing it 3-way is refused in one line, naming the keys.
+    # MAML's head is 5-way: testing it 3-way is refused in one line naming the ways, not a traceback.
     proc = metarun(*fake_omniglot_overrides, "mode=eval", f"ckpt={run_dir}", "eval.ways=3",
                    f"hydra.run.dir={tmp_path / 'eval_3way'}")
-    assert proc.returncode == 2 and "5-way head" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("metarun: error:")]
+    assert len(lines) == 1 and "ways" in lines[0], proc.stderr[-2000:]
 
 
 def test_sinusoid_reports_mse_after_1_5_10_steps(tmp_path):
     cfg = compose(["experiment=maml_sinusoid", "train.steps=200", "train.steps_per_call=100",
                    "train.log_every=100", "train.val_every=100", "train.ckpt_every=100", "eval.episodes=50",
                    "train.progress=false"])
-    run(cfg, tmp_path)
+    score = run(cfg, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["metric"] == "mse" and results["inner_steps"] == 1 and results["shots"] == 5
     assert set(results["by_inner_steps"]) == {"1", "5", "10"}
+    assert results["by_inner_steps"]["1"]["mean"] == pytest.approx(results["mean"])
+    # each count really runs that many inner steps (the same episodes give three different MSEs)
+    assert len({round(v["mean"], 6) for v in results["by_inner_steps"].values()}) == 3
+    # higher is better whatever the metric: the score of an MSE is its negative, and a training run
+    # returns (as the sweep objective) its best validation score
+    assert results["higher_is_better"] is False and results["score"] == pytest.approx(-results["mean"])
+    assert results["best_val_step"] in (100, 200) and score == pytest.approx(results["best_val_score"]) and score < 0
 
 
 def _strip_timing(rows):

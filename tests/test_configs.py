@@ -32,11 +32,13 @@ def test_default_is_maml_omniglot_5way_1shot_with_the_paper_settings():
     assert compose(["algo=maml", "dataset=omniglot"]) == cfg
 
 
-@pytest.mark.parametrize("override", ["algo.inner_lrr=0.1", "train.stepz=3", "task.ways=five", "mode=serve",
-                                      "learner.batch_norm=sometimes"])
-def test_misspelt_keys_and_wrong_types_fail_at_composition(override):
+@pytest.mark.parametrize("overrides", [["algo.inner_lrr=0.1"], ["train.stepz=3"], ["task.ways=five"], ["mode=serve"],
+                                       ["learner.batch_norm=sometimes"],
+                                       # the removed key (now eval.transductive) is refused, not silently ignored
+                                       ["algo=reptile", "algo.transductive=false"]])
+def test_misspelt_keys_and_wrong_types_fail_at_composition(overrides):
     with pytest.raises((ConfigCompositionException, ConfigKeyError)):
-        compose([override])
+        compose(overrides)
 
 
 def test_step_schedule_multiplies_the_lr_by_the_factor_every_decay_every_steps():

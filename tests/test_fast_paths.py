@@ -7,11 +7,12 @@ import numpy as np
 import optax
 import pytest
 
-from metarun.algos.base import classification_objective
+from metarun.algos.base import meta_step
 from metarun.algos.maml import maml
-from metarun.core import (init_state, make_eval_batch, make_train_chunk, map_tasks, meta_gradient,
-                          resolve_task_batching)
+from metarun.core import init_state, make_eval_batch, make_train_chunk, resolve_task_batching, task_mapper
 from metarun.data.tasks import Examples, Task, make_image_sampler
+from metarun.families.classification import classification_objective
+from metarun.learners import Net
 from metarun.learners.conv4 import Conv4, conv3x3_im2col, conv3x3_xla, max_pool_2x2
 
 # float32; the paths differ only in summation order.
@@ -43,12 +44,19 @@ def random_tasks(meta_batch, seed=0, size=SIZE):
 
 def tiny_maml(conv_impl="im2col", inner_steps=1, first_order=False, blocks=4):
     learner = Conv4(out_dim=WAYS, filters=FILTERS, blocks=blocks, conv_impl=conv_impl)
-    return maml(learner, classification_objective, 0.4, inner_steps, first_order)
+    return maml(Net(learner), classification_objective, 0.4, inner_steps, first_order)
 
 
 def init_params(size=SIZE, blocks=4):
+    """(meta_params, algo_state) of the tiny MAML."""
     task = jax.tree.map(lambda a: a[0], random_tasks(1, size=size))
     return tiny_maml(blocks=blocks).init(jax.random.PRNGKey(3), task)
+
+
+def meta_gradient(algo, params, algo_state, tasks, key, task_batching="vmap", task_chunk=1):
+    """(mean meta-gradient, mean metrics) of one meta-step in the given batching."""
+    grads, _, metrics = meta_step(algo, params, algo_state, tasks, key, task_mapper(task_batching, task_chunk))
+    return grads, metrics
 
 
 def test_im2col_conv_matches_xla_conv_and_its_gradients():
@@ -72,9 +80,9 @@ def test_reshape_max_pool_matches_reduce_window_and_its_gradient():
 
 def test_im2col_meta_gradient_matches_xla_conv():
     """Second-order MAML meta-gradient through the whole Conv-4 with either convolution."""
-    params, tasks, key = init_params(), random_tasks(2), jax.random.PRNGKey(5)
-    fast, _ = jax.jit(lambda p: meta_gradient(tiny_maml("im2col"), p, tasks, key))(params)
-    plain, _ = jax.jit(lambda p: meta_gradient(tiny_maml("xla"), p, tasks, key))(params)
+    (params, algo_state), tasks, key = init_params(), random_tasks(2), jax.random.PRNGKey(5)
+    fast, _ = jax.jit(lambda p: meta_gradient(tiny_maml("im2col"), p, algo_state, tasks, key))(params)
+    plain, _ = jax.jit(lambda p: meta_gradient(tiny_maml("xla"), p, algo_state, tasks, key))(params)
     assert_trees_close(fast, plain)
 
 
@@ -85,9 +93,9 @@ def test_im2col_meta_gradient_matches_xla_conv():
 ])
 def test_map_over_tasks_matches_vmap(task_chunk, meta_batch, inner_steps, first_order):
     algo = tiny_maml(inner_steps=inner_steps, first_order=first_order, blocks=SMALL["blocks"])
-    params, key = init_params(**SMALL), jax.random.PRNGKey(7)
-    by_map = jax.jit(lambda p, t: meta_gradient(algo, p, t, key, "map", task_chunk))
-    by_vmap = jax.jit(lambda p, t: meta_gradient(algo, p, t, key, "vmap"))
+    (params, algo_state), key = init_params(**SMALL), jax.random.PRNGKey(7)
+    by_map = jax.jit(lambda p, t: meta_gradient(algo, p, algo_state, t, key, "map", task_chunk))
+    by_vmap = jax.jit(lambda p, t: meta_gradient(algo, p, algo_state, t, key, "vmap"))
     tasks = random_tasks(meta_batch, seed=meta_batch, size=SMALL["size"])
     g_map, m_map = by_map(params, tasks)
     g_vmap, m_vmap = by_vmap(params, tasks)
@@ -102,9 +110,14 @@ def test_map_over_tasks_matches_vmap(task_chunk, meta_batch, inner_steps, first_
 def test_map_tasks_keeps_task_order():
     tasks = random_tasks(3)
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    fn = lambda p, t, k: (t.query.x.sum() * p, jax.random.uniform(k))  # noqa: E731
+    fn = lambda t, k: (t.query.x.sum() * 2.0, jax.random.uniform(k))  # noqa: E731
+    # the reference: fn on each task with its own key, in order, stacked
+    one_by_one = [fn(jax.tree.map(lambda a: a[i], tasks), keys[i]) for i in range(3)]
+    expected = tuple(jnp.stack(parts) for parts in zip(*one_by_one))
+    assert not np.allclose(expected[0][0], expected[0][1])  # distinct tasks, so an order mix-up shows
+    assert_trees_close(task_mapper("vmap")(fn, tasks, keys), expected)
     for chunk in (1, 2):
-        assert_trees_close(map_tasks(fn, 2.0, tasks, keys, "map", chunk), map_tasks(fn, 2.0, tasks, keys, "vmap"))
+        assert_trees_close(task_mapper("map", chunk)(fn, tasks, keys), expected)
 
 
 def test_train_chunk_and_eval_batch_map_match_vmap():
@@ -121,10 +134,13 @@ def test_train_chunk_and_eval_batch_map_match_vmap():
         state = init_state(algo, opt, sampler, images, seed=0)
         states[mode], _ = make_train_chunk(algo, opt, sampler, 2, 2, task_batching=mode)(state, images)
     assert_trees_close(states["map"].params, states["vmap"].params)
-    evals = {mode: make_eval_batch(algo, sampler, 3, task_batching=mode)(states["vmap"].params, images,
-                                                                          jax.random.PRNGKey(1))
+    assert_trees_close(states["map"].algo_state, states["vmap"].algo_state)
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    evals = {mode: make_eval_batch(algo, sampler, task_batching=mode)(states["vmap"].params, states["vmap"].algo_state,
+                                                                       images, keys)
              for mode in ("map", "vmap")}
     assert_trees_close(evals["map"], evals["vmap"])
+    assert evals["vmap"]["loss"].shape == (3,)  # one value per episode key
 
 
 def test_auto_task_batching_per_backend():

@@ -7,57 +7,65 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metarun.algos.base import classification_objective, regression_objective
+from metarun.algos.base import meta_step, task_grad
 from metarun.algos.maml import maml
-from metarun.core import meta_gradient, task_grad
+from metarun.core import task_mapper
 from metarun.data.sinusoid import make_sinusoid_sampler
 from metarun.data.synthetic import make_synthetic_classes
 from metarun.data.tasks import make_image_sampler, sample_batch
+from metarun.families.classification import classification_objective
+from metarun.families.regression import regression_objective
+from metarun.learners import Net
 from metarun.learners.conv4 import Conv4
 from metarun.learners.mlp import MLP
 
 
 def _sinusoid_setup(inner_steps, first_order=False, inner_lr=0.05):
     learner = MLP(hidden=(8, 8), out_dim=1)
-    algo = maml(learner, regression_objective, inner_lr, inner_steps, first_order)
+    algo = maml(Net(learner), regression_objective, inner_lr, inner_steps, first_order)
     task = make_sinusoid_sampler(5, 7)({}, jax.random.PRNGKey(3))
-    params = algo.init(jax.random.PRNGKey(0), task)
-    return learner, algo, task, params
+    params, algo_state = algo.init(jax.random.PRNGKey(0), task)
+    return learner, algo, task, params, algo_state
 
 
 def _flat(tree):
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
+def _query_loss(learner, task):
+    """The plain query loss of the learner's own params (no adaptation)."""
+    return lambda p: regression_objective(learner.apply({"params": p}, task.query.x), task.query.y)[0]
+
+
 def test_zero_inner_steps_is_the_plain_gradient():
-    learner, algo, task, params = _sinusoid_setup(inner_steps=0)
-    grads, _ = task_grad(algo, params, task, jax.random.PRNGKey(1))
-    plain = jax.grad(lambda p: regression_objective(learner.apply({"params": p}, task.query.x), task.query.y)[0])(params)
-    np.testing.assert_allclose(_flat(grads), _flat(plain), rtol=1e-6, atol=1e-7)
+    learner, algo, task, params, algo_state = _sinusoid_setup(inner_steps=0)
+    assert set(params) == {"net"} and algo_state == {}
+    grads, _ = task_grad(algo, params, algo_state, task, jax.random.PRNGKey(1))
+    plain = jax.grad(_query_loss(learner, task))(params["net"])
+    np.testing.assert_allclose(_flat(grads["net"]), _flat(plain), rtol=1e-6, atol=1e-7)
 
 
 def test_fomaml_gradient_is_the_query_gradient_at_the_adapted_params():
-    learner, algo, task, params = _sinusoid_setup(inner_steps=2, first_order=True)
-    adapted = algo.adapt(params, task.support, None)
-    query_grad = jax.grad(
-        lambda p: regression_objective(learner.apply({"params": p}, task.query.x), task.query.y)[0])(adapted)
-    grads, _ = task_grad(algo, params, task, jax.random.PRNGKey(1))
-    np.testing.assert_allclose(_flat(grads), _flat(query_grad), rtol=1e-5, atol=1e-6)
+    learner, algo, task, params, algo_state = _sinusoid_setup(inner_steps=2, first_order=True)
+    adapted = algo.adapt(params, algo_state, task.support, None)["params"]
+    query_grad = jax.grad(_query_loss(learner, task))(adapted)
+    grads, _ = task_grad(algo, params, algo_state, task, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(_flat(grads["net"]), _flat(query_grad), rtol=1e-5, atol=1e-6)
     # And second-order MAML differs from it: the test would pass vacuously if it did not.
-    _, second, _, _ = _sinusoid_setup(inner_steps=2, first_order=False)
-    grads2, _ = task_grad(second, params, task, jax.random.PRNGKey(1))
-    assert np.abs(_flat(grads2) - _flat(query_grad)).max() > 1e-4
+    _, second, _, _, _ = _sinusoid_setup(inner_steps=2, first_order=False)
+    grads2, _ = task_grad(second, params, algo_state, task, jax.random.PRNGKey(1))
+    assert np.abs(_flat(grads2["net"]) - _flat(query_grad)).max() > 1e-4
 
 
 def test_maml_meta_gradient_matches_finite_differences():
     with jax.enable_x64(True):
-        learner, algo, task, params = _sinusoid_setup(inner_steps=2, inner_lr=0.1)
+        learner, algo, task, params, algo_state = _sinusoid_setup(inner_steps=2, inner_lr=0.1)
         params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
         task = jax.tree.map(lambda x: x.astype(jnp.float64), task)
 
         def meta_loss(p):
-            adapted = algo.adapt(p, task.support, None)
-            return algo.loss(p, adapted, task.query, None)[0]
+            task_state = algo.adapt(p, algo_state, task.support, None)
+            return algo.loss(p, algo_state, task_state, task.query, None)[0]
 
         grads = jax.grad(meta_loss)(params)
         rng = np.random.default_rng(0)
@@ -73,16 +81,20 @@ def test_maml_meta_gradient_matches_finite_differences():
 
 def test_meta_gradient_is_the_mean_over_tasks():
     learner = Conv4(out_dim=3, filters=4, conv_impl="xla")
-    algo = maml(learner, classification_objective, 0.4, 1)
+    algo = maml(Net(learner), classification_objective, 0.4, 1)
     images = jnp.asarray(make_synthetic_classes(10, 6, 16, 0.2, seed=0))
     tasks = sample_batch(make_image_sampler(3, 1, 2), images, jax.random.PRNGKey(0), 2)
-    params = algo.init(jax.random.PRNGKey(1), jax.tree.map(lambda x: x[0], tasks))
+    params, algo_state = algo.init(jax.random.PRNGKey(1), jax.tree.map(lambda x: x[0], tasks))
     key = jax.random.PRNGKey(2)
-    mean_grads, _ = meta_gradient(algo, params, tasks, key)
+    mean_grads, new_state, _ = meta_step(algo, params, algo_state, tasks, key, task_mapper("vmap"))
+    assert new_state == algo_state == {}  # transductive BatchNorm: no running statistics to carry
     keys = jax.random.split(key, 2)
-    per_task = [task_grad(algo, params, jax.tree.map(lambda x: x[i], tasks), keys[i])[0] for i in range(2)]
+    per_task = [task_grad(algo, params, algo_state, jax.tree.map(lambda x: x[i], tasks), keys[i])[0]
+                for i in range(2)]
     np.testing.assert_allclose(_flat(mean_grads), (_flat(per_task[0]) + _flat(per_task[1])) / 2,
                                rtol=1e-4, atol=1e-5)  # float32 sums in another order
+    # The two tasks' gradients differ, so the mean is not just either one of them.
+    assert np.abs(_flat(per_task[0]) - _flat(per_task[1])).max() > 1e-4
 
 
 def test_image_sampler_draws_distinct_classes_with_consistent_labels():

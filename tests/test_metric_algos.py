@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from metarun.algos import build_algo
+from metarun.algos.base import task_loss
 from metarun.algos.matching import class_log_probs, cosine_attention, matchingnet
 from metarun.algos.protonet import protonet
 from metarun.algos.relation import relation_scores, relationnet
+from metarun.build import load_family, make_algo
 from metarun.core import init_state, make_train_chunk
-from metarun.data.sources import episode_shapes, load_task_source
-from metarun.data.tasks import Examples, Task
+from metarun.data.tasks import Examples, Task, sample_batch
 from metarun.errors import UserError
+from metarun.families.classification import episode_shapes
+from metarun.learners import Net
 from metarun.learners.conv4 import Conv4
 from metarun.learners.relation import RelationEmbedding, RelationModule
 from metarun.optim import make_optimizer
@@ -33,13 +35,9 @@ TINY = ["debug=smoke", "dataset=synthetic", "dataset.image_size=14", "dataset.cl
 
 
 def compose(overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from conftest import compose as conftest_compose
 
-    from metarun.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+    return conftest_compose(overrides)
 
 
 def episode(ways, shots, queries, size, seed=0):
@@ -51,25 +49,27 @@ def episode(ways, shots, queries, size, seed=0):
     return Task(Examples(x(len(ys)), jnp.asarray(ys)), Examples(x(len(yq)), jnp.asarray(yq)))
 
 
-def logits_objective(logits, labels):
+def logits_objective(logits, labels, mask=None):
     """Hands the algorithm's logits back as a metric."""
     return jnp.zeros(()), {"logits": logits}
 
 
-def run_episode(algo, params, task):
-    """The metrics of one episode, as core.task_loss computes them."""
-    return algo.loss(params, algo.adapt(params, task.support, None), task.query, None)[1]
+def run_episode(algo, params, algo_state, task):
+    """The metrics of one episode, as algos.base.task_loss computes them."""
+    task_state = algo.adapt(params, algo_state, task.support, None)
+    return algo.loss(params, algo_state, task_state, task.query, None)[1]
 
 
 def test_protonet_logits_are_minus_squared_distances_to_support_means():
     ways, shots = 3, 2
     task = episode(ways, shots, 4, 14)
     embedding = Conv4(out_dim=None, filters=8, blocks=3)
-    algo = protonet(embedding, logits_objective, ways)
-    params = jax.jit(algo.init)(jax.random.PRNGKey(0), task)
-    logits, zs, zq = jax.jit(lambda p: (run_episode(algo, p, task)["logits"],
-                                        embedding.apply({"params": p}, task.support.x),
-                                        embedding.apply({"params": p}, task.query.x)))(params)
+    algo = protonet(Net(embedding), logits_objective, ways)
+    params, algo_state = jax.jit(algo.init)(jax.random.PRNGKey(0), task)
+    assert set(params) == {"net"} and algo_state == {}
+    logits, zs, zq = jax.jit(lambda p: (run_episode(algo, p, algo_state, task)["logits"],
+                                        embedding.apply({"params": p["net"]}, task.support.x),
+                                        embedding.apply({"params": p["net"]}, task.query.x)))(params)
     zs, zq = np.asarray(zs, np.float64), np.asarray(zq, np.float64)
     ys = np.asarray(task.support.y)
     protos = np.stack([zs[ys == c].mean(0) for c in range(ways)])
@@ -83,11 +83,11 @@ def test_matchingnet_attention_rows_sum_to_one_and_predict_weighted_one_hot_labe
     ways, shots = 3, 2
     task = episode(ways, shots, 4, 14, seed=1)
     embedding = Conv4(out_dim=None, filters=8, blocks=3)
-    algo = matchingnet(embedding, logits_objective, ways, distance=distance)
-    params = jax.jit(algo.init)(jax.random.PRNGKey(1), task)
-    logits, zs, zq = jax.jit(lambda p: (run_episode(algo, p, task)["logits"],
-                                        embedding.apply({"params": p["embed"]}, task.support.x),
-                                        embedding.apply({"params": p["embed"]}, task.query.x)))(params)
+    algo = matchingnet(Net(embedding), logits_objective, ways, distance=distance)
+    params, algo_state = jax.jit(algo.init)(jax.random.PRNGKey(1), task)
+    logits, zs, zq = jax.jit(lambda p: (run_episode(algo, p, algo_state, task)["logits"],
+                                        embedding.apply({"params": p["net"]}, task.support.x),
+                                        embedding.apply({"params": p["net"]}, task.query.x)))(params)
     zs, zq = np.asarray(zs, np.float64), np.asarray(zq, np.float64)
     if distance == "cosine":
         similarity = (zq / np.linalg.norm(zq, axis=1, keepdims=True)) @ (zs / np.linalg.norm(zs, axis=1, keepdims=True)).T
@@ -115,12 +115,12 @@ def test_matchingnet_class_log_probs_stay_finite_when_attention_is_sharp():
 def test_matchingnet_fce_gives_a_distribution_and_trains_its_lstms():
     ways, shots = 3, 2
     task = episode(ways, shots, 3, 14, seed=2)
-    algo = matchingnet(Conv4(out_dim=None, filters=8, blocks=3), logits_objective, ways, fce=True, fce_steps=2)
-    params = jax.jit(algo.init)(jax.random.PRNGKey(2), task)
-    assert {"embed", "fce_g", "fce_f"} <= set(params)
+    algo = matchingnet(Net(Conv4(out_dim=None, filters=8, blocks=3)), logits_objective, ways, fce=True, fce_steps=2)
+    params, algo_state = jax.jit(algo.init)(jax.random.PRNGKey(2), task)
+    assert set(params) == {"net", "fce_g", "fce_f"}
 
     def nll(p):
-        logits = run_episode(algo, p, task)["logits"]
+        logits = run_episode(algo, p, algo_state, task)["logits"]
         return -jnp.take_along_axis(logits, task.query.y[:, None], 1).mean(), logits
 
     (_, logits), grads = jax.jit(jax.value_and_grad(nll, has_aux=True))(params)
@@ -132,28 +132,36 @@ def test_matchingnet_fce_gives_a_distribution_and_trains_its_lstms():
 def test_relationnet_sums_class_maps_scores_in_unit_interval_and_loss_is_mse_to_one_hot():
     ways, shots = 3, 2
     task = episode(ways, shots, 2, 28, seed=3)
-    embedding = RelationEmbedding(filters=8)
-    relation = RelationModule(filters=8, hidden=8)
+    embedding = Net(RelationEmbedding(filters=8))
+    relation = Net(RelationModule(filters=8, hidden=8))
     algo = relationnet(embedding, relation, ways)
-    params = jax.jit(algo.init)(jax.random.PRNGKey(3), task)
+    params, algo_state = jax.jit(algo.init)(jax.random.PRNGKey(3), task)
+    assert set(params) == {"embed", "relation"}
 
     @jax.jit
     def forward(p):
-        classes = algo.adapt(p, task.support, None)
-        return (classes, *algo.loss(p, classes, task.query, None),
+        task_state = algo.adapt(p, algo_state, task.support, None)
+        classes = task_state["classes"]
+        return (classes, *algo.loss(p, algo_state, task_state, task.query, None),
                 relation_scores(embedding, relation, p, classes, task.query.x),
-                embedding.apply({"params": p["embed"]}, task.support.x))
+                embedding.apply(p["embed"], task.support.x), embedding.apply(p["embed"], task.query.x))
 
-    classes, loss, metrics, scores, maps = jax.device_get(forward(params))
+    classes, loss, metrics, scores, maps, query_maps = jax.device_get(forward(params))
     assert maps.shape == (ways * shots, 5, 5, 8)  # the paper's 5x5 maps on 28x28 Omniglot
     ys = np.asarray(task.support.y)
     np.testing.assert_allclose(np.asarray(classes), np.stack([maps[ys == c].sum(0) for c in range(ways)]),
                                rtol=1e-5, atol=1e-5)
+    # Each (query, class) pair scored by the relation module on [class maps, query maps] along channels.
+    pairs = np.stack([np.concatenate([classes[c], query_maps[q]], -1)
+                      for q in range(len(task.query.y)) for c in range(ways)])
+    reference = np.asarray(jax.jit(relation.apply)(params["relation"], jnp.asarray(pairs)))
     assert scores.shape == (len(task.query.y), ways)
+    np.testing.assert_allclose(scores, reference.reshape(len(task.query.y), ways), rtol=1e-5, atol=1e-6)
     assert np.all((scores > 0) & (scores < 1))
     one_hot = np.eye(ways)[np.asarray(task.query.y)]
-    np.testing.assert_allclose(float(loss), ((scores - one_hot) ** 2).mean(), rtol=1e-5)
-    assert float(metrics["loss"]) == float(loss)
+    mse = ((scores - one_hot) ** 2).mean()
+    np.testing.assert_allclose(float(loss), mse, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), mse, rtol=1e-5)
     assert float(metrics["accuracy"]) == pytest.approx((scores.argmax(1) == np.asarray(task.query.y)).mean())
 
 
@@ -162,57 +170,81 @@ def test_relationnet_sums_class_maps_scores_in_unit_interval_and_loss_is_mse_to_
 @pytest.mark.parametrize("overrides", [["algo=matchingnet"], ["algo=relationnet"]], ids=["matchingnet", "relationnet"])
 def test_trains_through_the_trainer_with_finite_loss_and_moving_params(overrides):
     cfg = compose(TINY + overrides)
-    source = load_task_source(cfg.dataset, cfg.seed)
-    sampler = source.sampler("train", episode_shapes(cfg.task)["train"])
-    algo = build_algo(cfg, source.kind, "train")
+    family = load_family(cfg)
+    sampler, data = family.sampler("train"), family.data["train"]
+    algo = make_algo(cfg, family, "train")
     optimizer = make_optimizer(cfg.meta_opt, 3)
-    state = init_state(algo, optimizer, sampler, source.data["train"], cfg.seed)
+    state = init_state(algo, optimizer, sampler, data, cfg.seed)
     before = jax.tree.map(np.array, state.params)
-    state, metrics = make_train_chunk(algo, optimizer, sampler, 2, 3)(state, source.data["train"])
+    algo_state, key = jax.tree.map(np.array, state.algo_state), np.array(state.key)  # the chunk donates state
+    state, metrics = make_train_chunk(algo, optimizer, sampler, 2, 3)(state, data)
     assert int(state.step) == 3
-    assert np.all(np.isfinite(np.asarray(metrics["loss"])))
-    assert np.all((np.asarray(metrics["accuracy"]) >= 0) & (np.asarray(metrics["accuracy"]) <= 1))
+    assert np.all(np.isfinite(np.asarray(metrics["loss"]))) and not np.asarray(metrics["nonfinite"]).any()
+    # Step 0's metrics are the mean over its two episodes (sampled as the trainer samples them) of
+    # the algorithm's own episode metrics at the initial params.
+    task_key, algo_key = jax.random.split(jax.random.fold_in(key, 0))
+    tasks = sample_batch(sampler, data, task_key, 2)
+    keys = jax.random.split(algo_key, 2)
+    episode_metrics = [jax.jit(lambda p, t, k: task_loss(algo, p, algo_state, t, k)[1])(
+        before, jax.tree.map(lambda a: a[i], tasks), keys[i]) for i in range(2)]
+    for name in ("loss", "accuracy"):
+        expected = np.mean([float(m[name]) for m in episode_metrics])
+        assert float(metrics[name][0]) == pytest.approx(expected, rel=1e-4, abs=1e-6), name
     moved = [not np.allclose(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params))]
     assert all(moved), "every parameter should get a gradient"
 
 
 def test_protonet_trains_10_way_and_tests_5_way_end_to_end(tmp_path):
-    from conftest import initial_and_last_state
+    from conftest import initial_and_last_state, replay_training
     from metarun.cli import run
+    from metarun.evaluate import Evaluator
 
     cfg = compose(TINY + ["algo=protonet", "task.ways=10", "task.test_ways=5", "train.steps=10",
                           "train.val_every=0", "train.ckpt_every=10", "eval.episodes=10"])
+    family = load_family(cfg)
     for phase, ways in (("train", 10), ("eval", 5)):
         task = episode(ways, 1, 1, 14)
-        algo = build_algo(cfg, "classification", phase)
-        params = algo.init(jax.random.PRNGKey(0), task)
-        assert algo.adapt(params, task.support, None).shape[0] == ways  # one prototype per class of the phase
+        algo = make_algo(cfg, family, phase)
+        params, algo_state = algo.init(jax.random.PRNGKey(0), task)
+        # one prototype per class of the phase
+        assert algo.adapt(params, algo_state, task.support, None)["prototypes"].shape[0] == ways
     run(cfg, tmp_path)
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert (results["algo"], results["ways"], results["metric"]) == ("protonet", 5, "accuracy")
-    assert 0.0 <= results["mean"] <= 1.0 and results["inner_steps"] is None
+    assert results["inner_steps"] is None and results["checkpoint"] == "last" and results["episodes"] == 10
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
     start, trained = initial_and_last_state(cfg, tmp_path)
     assert int(trained.step) == 10
+    # The checkpoint is the state 10 meta-steps of the core's train chunk make from the start ...
+    expected = replay_training(cfg, start, 10)
+    for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(expected.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(trained.params)))
+    # ... and results.json scores it, 5-way, on the test protocol: above chance (1/5) by more than its
+    # 95% CI on the separable synthetic classes.
+    summary = Evaluator(cfg, family, "test", 10, cfg.eval.seed, cfg.eval.batch)(trained.params, trained.algo_state)
+    assert results["mean"] == pytest.approx(summary[None]["mean"], abs=1e-6)
+    assert results["score"] == results["mean"] and results["mean"] - results["ci95"] > 0.2, results
 
     # mode=eval re-tests the trained run on another episode shape (eval.ways/shots/queries).
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
     eval_dir = tmp_path / "eval_3w2s"
-    run(compose(TINY + ["mode=eval", f"ckpt={tmp_path}", "eval.ways=3", "eval.shots=2", "eval.queries=4",
-                        "eval.episodes=10"]), eval_dir)
+    score = run(compose(TINY + ["mode=eval", f"ckpt={tmp_path}", "eval.ways=3", "eval.shots=2", "eval.queries=4",
+                                "eval.episodes=10"]), eval_dir)
     again = json.loads((eval_dir / "results.json").read_text())
     assert (again["algo"], again["ways"], again["shots"], again["queries"]) == ("protonet", 3, 2, 4)
-    assert again["evaluated_run"] == str(tmp_path)
+    assert again["evaluated_run"] == str(tmp_path) and score == again["score"] == again["mean"]
     with pytest.raises(UserError, match=r"eval\.ways sets the test episodes of mode=eval.*task\.test_ways"):
         run(compose(TINY + ["algo=protonet", "eval.ways=3"]), tmp_path / "train_with_eval_ways")
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_metric_preset_composes_and_builds(preset):
+    from conftest import stand_in_family
+
     cfg = compose([f"experiment={preset}"])
     check_config(cfg)
     algo, shape = preset.split("_")[0], preset.split("_")[-1]
@@ -222,8 +254,10 @@ def test_every_metric_preset_composes_and_builds(preset):
     assert (test.ways, test.shots) == (ways, shots)
     assert cfg.task.ways == (60 if algo == "protonet" else ways)
     assert cfg.task.shots + cfg.task.queries <= 20 and test.shots + test.queries <= 20  # Omniglot's drawers
+    family = stand_in_family(cfg)
+    assert (family.ways("train"), family.ways("eval")) == (cfg.task.ways, ways)
     for phase in ("train", "eval"):
-        build_algo(cfg, "classification", phase)
+        assert make_algo(cfg, family, phase).info["name"] == algo
 
 
 def test_all_twelve_presets_exist():
@@ -239,4 +273,4 @@ def test_all_twelve_presets_exist():
 def test_misuse_fails_with_a_user_error(overrides, message):
     cfg = compose(overrides)
     with pytest.raises(UserError, match=message):
-        build_algo(cfg, cfg.dataset.kind, "train")
+        make_algo(cfg, load_family(cfg), "train")

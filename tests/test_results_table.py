@@ -13,14 +13,17 @@ results_table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(results_table)
 
 
-def fake_run(run_dir: Path, mean=0.975, val=(0.95, 0.97, 0.972, 0.973), algo="protonet", algo_cfg=None) -> Path:
+def fake_run(run_dir: Path, mean=0.975, val=(0.95, 0.97, 0.972, 0.973), algo="protonet", algo_cfg=None,
+             transductive=True) -> Path:
+    """A finished run as train.run leaves it: `transductive` is its eval.transductive (results.json records it)."""
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / "results.json").write_text(json.dumps({
         "metric": "accuracy", "algo": algo, "ways": 5, "shots": 1, "mean": mean, "ci95": 0.0021,
         "episodes": 1000, "class_split": "vinyals", "seed": 0, "steps": 4000, "train_wall_s": 600.0,
-        "backend": "cpu", "device": "cpu"}))
+        "backend": "cpu", "device": "cpu", "transductive": transductive}))
     (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"train": {"meta_batch": 1},
-                                                                   "algo": {"name": algo, **(algo_cfg or {})}}))
+                                                                   "algo": {"name": algo, **(algo_cfg or {})},
+                                                                   "eval": {"transductive": transductive}}))
     (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
         ["experiment=protonet_omniglot_5w1s", "train.steps=4000", "dataset.local_dir=/data", "train.progress=false"]))
     rows = [{"step": 1000 * (i + 1), "val/accuracy": v} for i, v in enumerate(val)]
@@ -74,6 +77,7 @@ def test_a_re_tested_run_takes_its_training_facts_from_the_evaluated_run(tmp_pat
 
 
 def test_reptile_scored_transductively_stands_beside_the_transductive_figure(tmp_path):
-    transductive = fake_run(tmp_path / "t", algo="reptile", algo_cfg={"transductive": True})
-    inductive = fake_run(tmp_path / "n", algo="reptile", algo_cfg={"transductive": False})
+    # eval.transductive (default true) replaced algo.transductive; the paper has a figure for each setting.
+    transductive = fake_run(tmp_path / "t", algo="reptile", algo_cfg={"inner_state": "carry"}, transductive=True)
+    inductive = fake_run(tmp_path / "n", algo="reptile", algo_cfg={"inner_state": "carry"}, transductive=False)
     assert (results_table.row(transductive)["paper"], results_table.row(inductive)["paper"]) == (97.68, 95.39)

@@ -30,25 +30,21 @@ DRIVER = textwrap.dedent("""
     import jax, numpy as np
     from hydra import compose, initialize_config_dir
     from metarun import sharding
-    from metarun.algos import build_algo
+    from metarun.build import initial_state, load_family
     from metarun.cli import CONF_DIR
     from metarun.config import register_configs
-    from metarun.core import init_state, make_train_chunk
-    from metarun.data.sources import episode_shapes, load_task_source
+    from metarun.core import make_train_chunk
     from metarun.errors import UserError
-    from metarun.optim import make_optimizer
 
     overrides, steps, out = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    source = load_task_source(cfg.dataset, cfg.seed)
-    sampler = source.sampler("train", episode_shapes(cfg.task)["train"])
-    algo = build_algo(cfg, source.kind, "train")
-    optimizer = make_optimizer(cfg.meta_opt, cfg.train.steps)
-    state = init_state(algo, optimizer, sampler, source.data["train"], cfg.seed)
+    family = load_family(cfg)
+    sampler = family.sampler("train")
+    algo, optimizer, state = initial_state(cfg, family)
     mesh = sharding.task_mesh(cfg.train.meta_batch)
-    state, data = sharding.replicate(state, mesh), sharding.replicate(source.data["train"], mesh)
+    state, data = sharding.replicate(state, mesh), sharding.replicate(family.data["train"], mesh)
     chunk = make_train_chunk(algo, optimizer, sampler, cfg.train.meta_batch, steps,
                              shard_tasks=sharding.task_constraint(mesh))
     hlo = chunk.lower(state, data).compile().as_text()

@@ -114,7 +114,14 @@ class ClassificationFamily(TaskFamily):
         return self.shapes["train" if phase == "train" else "test"].ways
 
     def head_dim(self, phase: str) -> int:
-        return self.ways(phase)
+        """A learner's head has one output per class; it is trained once, so the test episodes must
+        have as many classes (metric learners, which ask `ways`, are free to change it)."""
+        train, test = self.ways("train"), self.ways("eval")
+        if train != test:
+            raise UserError(f"a head-based algorithm has a {train}-way head: task.test_ways (or eval.ways)={test} "
+                            f"must equal task.ways={train}; only metric learners (protonet, matchingnet, "
+                            f"relationnet, dkt) change ways between training and test")
+        return train
 
     def sampler(self, split: str):
         if split not in SPLITS:
