@@ -8,7 +8,7 @@ import pytest
 
 from metarun.algos.abml_math import (adapt_posterior, diag_gaussian, inner_step, kl_diag_gaussians, sample_weights,
                                      variational_loss)
-from metarun.algos.base import regression_objective
+from metarun.families.regression import regression_objective
 from metarun.learners.mlp import MLP
 
 

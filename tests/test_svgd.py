@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metarun.algos.base import regression_objective
+from metarun.families.regression import regression_objective
 from metarun.algos.svgd import (chaser_loss, flatten_particles, median_bandwidth, rbf_kernel, svgd_direction,
                                 svgd_step, svgd_steps)
 from metarun.learners.mlp import MLP
