@@ -91,7 +91,7 @@ def test_exact_gp_kl_metric_is_zero_for_the_exact_gp_and_positive_for_a_wrong_on
     family = _Family((kernel_fn, 0.05))
 
     def kl_of(model):
-        algo = conditional_np(model, family, "train", {})
+        algo = conditional_np(model, family, "eval", {})
         state = algo.adapt({"model": {}}, {}, task.support, None)
         return float(algo.loss({"model": {}}, {}, state, task.query, None)[1]["kl"])
 
@@ -229,3 +229,14 @@ def test_the_extrapolation_regime_moves_only_the_test_targets():
     val = family.sampler("val")({}, jax.random.key(0))
     assert float(test.query.x.min()) >= 2.0 and float(test.support.x.max()) <= 2.0
     assert float(val.query.x.max()) <= 2.0 and family.describe("test")["test_regime"] == "extrapolation"
+
+
+def test_a_neural_process_runs_on_sinusoids(tmp_path):
+    """dataset=sinusoid (no masks unless task.min_shots) works with the Neural Processes; its metric stays mse."""
+    from metarun.train import run
+
+    run(compose(["dataset=sinusoid", "learner=mlp", "task=regression", "algo=cnp", "algo.hidden=16",
+                 "task.min_shots=0"] + QUICK[1:]), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["metric"] == "mse" and "log_likelihood" in results["metrics"] and "kl" not in results["metrics"]
+    assert results["plots"] == ["predictions.png"] and results["algo"] == "cnp"

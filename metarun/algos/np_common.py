@@ -144,9 +144,9 @@ def conditional_np(model, family, phase: str, info: Dict[str, Any]) -> MetaAlgor
         pred = apply(tgt["x"], tgt["mask"])
         nll = objectives.gaussian_nll(pred, tgt["y"], tgt["mask"])
         metrics = {"loss": nll, "log_likelihood": -nll, "mse": masked_mse(pred.loc, tgt["y"], tgt["mask"])}
-        if gp_prior is not None:
-            metrics["kl"] = gp_kl(gp_prior, ctx, tgt["x"], tgt["mask"], pred.loc, jnp.square(pred.scale))
-        if record:
+        if record:  # evaluation only: training needs no exact posterior (a Cholesky per task)
+            if gp_prior is not None:
+                metrics["kl"] = gp_kl(gp_prior, ctx, tgt["x"], tgt["mask"], pred.loc, jnp.square(pred.scale))
             x_grid = grid_for(ctx, tgt)
             g = apply(x_grid, jnp.ones((x_grid.shape[0],), x_grid.dtype))
             metrics.update(plot_record(ctx, tgt, x_grid, g.loc, g.scale))
