@@ -10,6 +10,9 @@ from omegaconf import open_dict
 
 from conftest import compose
 
+# Trains through the real trainer several times (minutes on 2 cores): run in CI's second pass (--runslow).
+pytestmark = pytest.mark.slow
+
 # algo -> (extra overrides, train steps, required accuracy gain over the untrained model)
 CASES = {
     "dkt": ([], 60, 0.08),

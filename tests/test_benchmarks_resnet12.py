@@ -15,6 +15,9 @@ from metarun.learners import Net, build_learner
 from metarun.learners.resnet12 import ResNet12
 from test_imagenet_loaders import cifar_rows, mini_source, tiered_source, write_cifar100, write_mini_folder, write_tiered  # noqa: F401
 
+# Trains through the real trainer several times (minutes on 2 cores): run in CI's second pass (--runslow).
+pytestmark = pytest.mark.slow
+
 SMOKE = ["debug=smoke", "train.progress=false", "train.steps=4", "train.steps_per_call=2", "train.log_every=2",
          "train.val_every=4", "train.ckpt_every=4", "train.val_episodes=2", "eval.episodes=4", "eval.batch=4"]
 

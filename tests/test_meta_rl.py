@@ -15,6 +15,9 @@ from metarun.core import make_eval_batch, make_train_chunk
 from metarun.errors import UserError
 from metarun.learners import build_learner
 
+# Trains through the real trainer several times (minutes on 2 cores): run in CI's second pass (--runslow).
+pytestmark = pytest.mark.slow
+
 KEY = jax.random.PRNGKey(0)
 
 

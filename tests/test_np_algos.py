@@ -14,6 +14,9 @@ import pytest
 from conftest import compose
 from metarun.errors import UserError
 
+# Trains through the real trainer several times (minutes on 2 cores): run in CI's second pass (--runslow).
+pytestmark = pytest.mark.slow
+
 # Tiny widths: what is tested does not depend on size, and compiles stay short on a loaded CPU.
 SMALL = {
     "cnp": ["algo.hidden=16"],

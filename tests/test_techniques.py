@@ -19,6 +19,9 @@ from metarun.data.tasks import make_image_sampler
 from metarun.errors import UserError
 from metarun.optim import make_optimizer, make_schedule
 
+# Trains through the real trainer several times (minutes on 2 cores): run in CI's second pass (--runslow).
+pytestmark = pytest.mark.slow
+
 SYNTH = ["dataset=synthetic", "debug=smoke", "dataset.image_size=16", "dataset.classes=[8,6,6]", "train.progress=false"]
 
 
