@@ -10,6 +10,9 @@ from conftest import compose, stand_in_family
 from metarun.data.tasks import Examples, Task
 from metarun.errors import UserError
 
+# Compiles many small programs (tens of seconds on 2 cores): run in CI's second pass (--runslow).
+pytestmark = pytest.mark.slow
+
 TINY = ["dataset=synthetic", "dataset.image_size=8", "learner.filters=4", "learner.blocks=2", "task.ways=5",
         "algo.inner_lr=0.3", "algo.inner_steps=2"]
 

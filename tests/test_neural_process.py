@@ -15,6 +15,9 @@ from metarun.data.function_tasks import make_function_sampler
 from metarun.data.tasks import sample_batch
 from metarun.learners.neural_process import ANP, CNP, LATENT_RNG, ConvCNP, LatentNP, LatentOutput, Normal
 
+# Compiles many small programs (tens of seconds on 2 cores): run in CI's second pass (--runslow).
+pytestmark = pytest.mark.slow
+
 # Small widths: the properties tested do not depend on size, and compiles stay short.
 MODELS = {
     "cnp": CNP(hidden=32),

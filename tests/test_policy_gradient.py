@@ -16,6 +16,9 @@ from metarun.rl.policy_gradient import (discounted_returns, fit_linear_baseline,
                                         normalize_advantages, reinforce_loss)
 from metarun.rl.rollout import rollout
 
+# Compiles many small programs (tens of seconds on 2 cores): run in CI's second pass (--runslow).
+pytestmark = pytest.mark.slow
+
 T, N = 12, 5
 
 

@@ -9,6 +9,9 @@ import pytest
 from metarun.errors import UserError
 from metarun.rl.envs import ENVS, GYMNAX_TASK_FIELDS, NavigationParams, get_env
 
+# Compiles many small programs (tens of seconds on 2 cores): run in CI's second pass (--runslow).
+pytestmark = pytest.mark.slow
+
 KEY = jax.random.PRNGKey(0)
 
 

@@ -12,6 +12,9 @@ from metarun.rl.envs import Env, NavigationParams, get_env
 from metarun.rl.policies import Categorical, CategoricalMLPPolicy, DiagGaussian, GaussianMLPPolicy, GRUPolicy
 from metarun.rl.rollout import policy_log_probs, recurrent_log_probs, rollout, rollout_recurrent
 
+# Compiles many small programs (tens of seconds on 2 cores): run in CI's second pass (--runslow).
+pytestmark = pytest.mark.slow
+
 KEY = jax.random.PRNGKey(0)
 
 
