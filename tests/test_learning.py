@@ -14,6 +14,10 @@ import pytest
 
 from conftest import compose
 
+# Nine short trainings through the real trainer (~2 min on 2 cores): CI runs them in its second pass
+# (`pytest --runslow -m slow`, .ci/run) on every submission; `pytest -q` alone skips them.
+pytestmark = pytest.mark.slow
+
 # algo -> (extra overrides, train steps, required gain over the untrained model)
 CASES = {
     "maml": ([], 100, 0.08),
