@@ -108,7 +108,7 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
     for key in ("kl_weight", "outer_kl_weight"):
         if a[key] < 0:
             raise UserError(f"algo.{key}={a[key]} must be >= 0")
-    steps = c.inner_steps if c.inner_steps is not None else (a.inner_steps if c.train else a.eval_inner_steps)
+    steps = c.inner_steps_for(a)
     info = {"name": "abml", "inner_lr": a.inner_lr, "inner_steps": a.inner_steps,
             "eval_inner_steps": a.eval_inner_steps, "samples": a.samples, "eval_samples": a.eval_samples,
             "kl_weight": a.kl_weight, "outer_kl_weight": a.outer_kl_weight, "init_log_std": a.init_log_std,

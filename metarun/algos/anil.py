@@ -73,7 +73,7 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
     check_inner(a)
     if getattr(c.learner_cfg.get("batch_norm"), "value", c.learner_cfg.get("batch_norm")) == "running":
         raise UserError("algo=anil supports learner.batch_norm=transductive or none (running statistics: algo=maml)")
-    steps = c.inner_steps if c.inner_steps is not None else (a.inner_steps if c.train else a.eval_inner_steps)
+    steps = c.inner_steps_for(a)
     info = {"name": "anil", "first_order": bool(a.first_order), "inner_lr": a.inner_lr, "inner_steps": a.inner_steps,
             "eval_inner_steps": a.eval_inner_steps, "inner_optimizer": "sgd", "adapted": "head"}
     net = Net(c.learner(c.family.head_dim(c.phase)), c.train, c.transductive)

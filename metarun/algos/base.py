@@ -103,3 +103,10 @@ class Collaborators:
     @property
     def train(self) -> bool:
         return self.phase == "train"
+
+    def inner_steps_for(self, algo_cfg) -> int:
+        """The inner steps of this build: the evaluator's override, else the config's training or
+        test-time count (`algo.inner_steps` / `algo.eval_inner_steps`)."""
+        if self.inner_steps is not None:
+            return self.inner_steps
+        return algo_cfg.inner_steps if self.train else algo_cfg.eval_inner_steps

@@ -115,7 +115,7 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
         raise UserError(f"algo.particles={a.particles} must be >= 1")
     if a.leader_steps < 1:
         raise UserError(f"algo.leader_steps={a.leader_steps} must be >= 1")
-    steps = c.inner_steps if c.inner_steps is not None else (a.inner_steps if c.train else a.eval_inner_steps)
+    steps = c.inner_steps_for(a)
     info = {"name": "bmaml", "particles": a.particles, "inner_lr": a.inner_lr, "inner_steps": a.inner_steps,
             "eval_inner_steps": a.eval_inner_steps, "leader_steps": a.leader_steps,
             "first_order": bool(a.first_order), "kernel": "rbf, median bandwidth", "weight_prior": "none"}

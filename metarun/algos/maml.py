@@ -199,7 +199,7 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
     options = MAMLPlusPlus(msl=a.msl, msl_anneal_steps=a.msl_anneal_steps, msl_last_weight=a.msl_last_weight,
                            first_order_steps=a.first_order_steps if c.train else 0, lslr=a.lslr,
                            per_step_bn=a.per_step_bn)
-    steps = c.inner_steps if c.inner_steps is not None else (a.inner_steps if c.train else a.eval_inner_steps)
+    steps = c.inner_steps_for(a)
     overrides = {}
     if getattr(c.learner_cfg.get("batch_norm"), "value", c.learner_cfg.get("batch_norm")) == "running":
         overrides["bn_steps"] = a.inner_steps if a.per_step_bn else 1

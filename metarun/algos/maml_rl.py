@@ -112,7 +112,7 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
     if c.learner_cfg.name == "gru":
         raise UserError("algo=maml_rl adapts a feed-forward policy: use learner=gaussian_mlp or "
                         "learner=categorical_mlp (learner=gru is for algo=rl2)")
-    steps = c.inner_steps if c.inner_steps is not None else (a.inner_steps if c.train else a.eval_inner_steps)
+    steps = c.inner_steps_for(a)
     info = {"name": a.name, "variant": "fo-maml-rl" if a.first_order else "maml-rl",
             "first_order": bool(a.first_order), "inner_lr": a.inner_lr, "inner_steps": a.inner_steps,
             "eval_inner_steps": a.eval_inner_steps, "inner_optimizer": "sgd (REINFORCE, linear baseline, GAE)",

@@ -80,7 +80,7 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
         raise UserError(f"algo.inner_lr_init={list(a.inner_lr_init)}: expected [low, high] with 0 <= low <= high")
     if c.learner_cfg.get("batch_norm") is not None and getattr(c.learner_cfg.batch_norm, "value", c.learner_cfg.batch_norm) == "running":
         raise UserError("algo=metasgd supports learner.batch_norm=transductive or none (running statistics: algo=maml)")
-    steps = c.inner_steps if c.inner_steps is not None else (a.inner_steps if c.train else a.eval_inner_steps)
+    steps = c.inner_steps_for(a)
     info = {"name": "metasgd", "first_order": bool(a.first_order), "learn_inner_lr": bool(a.learn_inner_lr),
             "inner_lr_init": list(a.inner_lr_init), "inner_steps": a.inner_steps,
             "eval_inner_steps": a.eval_inner_steps, "inner_optimizer": "learned per-parameter rates"}
