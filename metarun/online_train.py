@@ -24,6 +24,7 @@ from metarun.core import make_train_chunk
 from metarun.errors import UserError
 from metarun.evaluate import format_result, write_results
 from metarun.families.augmenting import augmented
+from metarun.metrics import atomic_write_json
 from metarun.optim import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,9 @@ def online_loop(cfg, run_dir, family, algo, optimizer, state, evaluator, validat
         "compile_s": round(compile_s, 3), "best_val_score": float(state.best_score) if has_best else None,
         "best_val_step": int(state.best_step) if has_best else None, "skipped_steps": skipped,
         "val_metric": validator.metric if validator else None})
+    if "plot" in summary:  # the run dir's figures in one list, as for a batch run
+        results["plots"] = list(results.get("plots", [])) + [PLOT]
+        atomic_write_json(Path(run_dir) / "results.json", results)
     if writer is not None:
         writer.close()
     head = summary["second_half"]["accuracy"][str(shots[0])]
