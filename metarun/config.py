@@ -58,6 +58,17 @@ class MetaOptConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """train.schedule=online (metarun.online): a stream of tasks, each scored after k examples before it
+    joins the buffer the learner then meta-trains on (FTML, Finn et al. 2019). train.steps counts tasks."""
+    meta_steps: int = 20        # meta-steps on the buffer after each task joins it (follow the meta leader)
+    shots: List[int] = field(default_factory=lambda: [1, 2, 5, 10])  # support examples per class scored after
+    held_out: int = 5           # examples per class of the scored task that are never in a support set
+    threshold: float = 0.9      # proficiency: held-out accuracy; shots_to_threshold = the first k reaching it
+    baseline: str = "none"      # none (meta-learn the buffer) | toe (train on everything: joint training)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 60000
     meta_batch: int = 32
@@ -72,6 +83,8 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = False
     on_nonfinite: OnNonfinite = OnNonfinite.stop
+    schedule: str = "batch"    # batch (shuffled meta-batches) | online (a task stream: metarun.online)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
 
 
 @dataclass

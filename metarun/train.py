@@ -20,6 +20,7 @@ from metarun.errors import UserError
 from metarun.evaluate import EPISODE_KEYS, Evaluator, check_eval_config, format_result, write_results
 from metarun.learners import build_learner
 from metarun.metrics import MetricsLog
+from metarun.online import check_schedule, schedule
 from metarun.optim import make_optimizer
 from metarun.resume import restore_hydra_config, resume_config, save_choices, save_config
 from metarun.runlock import RunLock
@@ -50,6 +51,7 @@ def check_config(cfg) -> None:
         raise UserError(f"dataset.image_size={side} is too small for learner.blocks={blocks} (each block halves "
                         f"the image): use dataset.image_size >= {2 ** blocks} or fewer learner.blocks")
     make_optimizer(cfg.meta_opt, t.steps)  # a bad meta_opt fails here
+    check_schedule(cfg)  # train.schedule and, when online, train.online.*
 
 
 def chunk_size(cfg) -> int:
@@ -122,9 +124,12 @@ def _train(cfg, run_dir: Path, overrides: Optional[List[str]]) -> Optional[float
         save_choices(run_dir)
     save_config(run_dir, cfg)
     restore_hydra_config(run_dir)
+    loop = _loop
+    if schedule(cfg) == "online":  # a task stream (FTML): metarun.online_train
+        from metarun.online_train import online_loop as loop
     try:
-        return _loop(cfg, run_dir, family, algo, optimizer, state, evaluator, validator, ckpts, metrics_log,
-                     wall_offset, mesh)
+        return loop(cfg, run_dir, family, algo, optimizer, state, evaluator, validator, ckpts, metrics_log,
+                    wall_offset, mesh)
     finally:
         ckpts.close()
 
