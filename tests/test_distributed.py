@@ -170,3 +170,21 @@ def test_slurm_step_with_several_tasks_is_joined_from_its_variables(monkeypatch)
     assert distributed.settings(_cfg(num_processes=1)) is None  # explicitly single
     monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task job (e.g. one run of a submitit array)
     assert distributed.settings(_cfg()) is None
+
+
+def test_slurm_multinode_launcher_preset_composes():
+    """`hydra/launcher=slurm_multinode`: submitit's SLURM launcher, one task (one JAX process) per node."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+    from metarun.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["hydra/launcher=slurm_multinode", "hydra.launcher.nodes=4"],
+                            return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.nodes == 4 and launcher.tasks_per_node == 1
+    assert cfg.distributed.coordinator is None  # SLURM's variables, not keys, join the processes
