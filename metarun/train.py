@@ -133,6 +133,9 @@ def _train(cfg, run_dir: Path, overrides: Optional[List[str]]) -> Optional[float
         restore_hydra_config(run_dir)
     loop = _loop
     if schedule(cfg) == "online":  # a task stream (FTML): metarun.online_train
+        if jax.process_count() > 1:
+            raise UserError(f"train.schedule=online runs in one process, not {jax.process_count()}: "
+                            f"leave distributed.* unset (or distributed.num_processes=1)")
         from metarun.online_train import online_loop as loop
     try:
         return loop(cfg, run_dir, family, algo, optimizer, state, evaluator, validator, ckpts, metrics_log,
