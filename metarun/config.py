@@ -125,6 +125,16 @@ class RegularizeConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """`distributed.*`: one run over several processes (metarun.distributed; docs/sweeps.md). All null: one
+    process, or a SLURM job step with several tasks (joined from SLURM's variables)."""
+    coordinator: Optional[str] = None     # HOST:PORT of process 0 (every process passes the same)
+    num_processes: Optional[int] = None   # 1 forces a single process even inside a multi-task SLURM step
+    process_id: Optional[int] = None      # 0..num_processes-1; process 0 writes the run directory's files
+    timeout_s: int = 300                  # how long a process waits for the others to join
+
+
+@dataclass
 class Config:
     algo: Any = MISSING
     dataset: Any = MISSING
@@ -135,6 +145,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # init.from=RUN_DIR: start the learner from another run's best checkpoint (metarun.init_from).
     # A dict, not a dataclass: `from` is a Python keyword; metarun.init_from checks the keys.
     init: Dict[str, Optional[str]] = field(default_factory=lambda: {"from": None})

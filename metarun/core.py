@@ -60,7 +60,8 @@ def finite(tree) -> jax.Array:
 
 def make_train_chunk(algo: MetaAlgorithm, optimizer: optax.GradientTransformation, sampler: Sampler,
                      meta_batch: int, steps: int, shard_tasks: Callable | None = None,
-                     task_batching: str = "auto", task_chunk: int = 1, skip_nonfinite: bool = False) -> Callable:
+                     task_batching: str = "auto", task_chunk: int = 1, skip_nonfinite: bool = False,
+                     sample_tasks: Callable | None = None) -> Callable:
     """A jitted `(state, data) -> (state, metrics)` running `steps` meta-steps in one lax.scan.
 
     Tasks are sampled inside the step from the device-resident `data`, so a chunk makes no host
@@ -69,13 +70,16 @@ def make_train_chunk(algo: MetaAlgorithm, optimizer: optax.GradientTransformatio
     the previous state for such a step (train.on_nonfinite=skip_step); otherwise the step is
     applied and the host stops the run at the next sync. `shard_tasks` places the sampled task
     batch over several devices; `task_batching`/`task_chunk` choose how the meta-batch is batched.
+    `sample_tasks(sampler, data, key, meta_batch)` replaces `sample_batch` (sharding.shard_sampling:
+    each device draws its own slice of the same meta-batch).
     """
+    sample_tasks = sample_batch if sample_tasks is None else sample_tasks
     map_tasks = task_mapper(resolve_task_batching(task_batching, sharded=shard_tasks is not None), task_chunk)
 
     def one_step(data, state: TrainState, _):
         step_key = jax.random.fold_in(state.key, state.step)
         task_key, algo_key = jax.random.split(step_key)
-        tasks = sample_batch(sampler, data, task_key, meta_batch)
+        tasks = sample_tasks(sampler, data, task_key, meta_batch)
         if shard_tasks is not None:
             tasks = shard_tasks(tasks)
         step_algo = algo.at_step(state.step) if algo.at_step is not None else algo

@@ -11,9 +11,11 @@ from metarun.metrics import atomic_write_text
 
 SAVED_CONFIG = "run_config.yaml"  # metarun's own copy, written once when a run starts; Hydra's .hydra/ may be rewritten
 SAVED_CHOICES = "run_choices.yaml"  # the config-group choices the run started with (experiment=..., debug=...)
-# Keys a resumed run may change: its length, logging, where the data is read from, and the final evaluation.
+# Keys a resumed run may change: its length, logging, where the data is read from, the final evaluation,
+# and how many processes run it.
 SAFE_PREFIXES = ("train.steps", "train.progress", "train.log_every", "train.tensorboard", "train.keep_ckpts",
-                 "dataset.local_dir", "dataset.cache_dir", "eval.", "resume", "mode", "ckpt")
+                 "dataset.local_dir", "dataset.cache_dir", "eval.", "resume", "mode", "ckpt",
+                 "distributed.")  # a resumed run may be spread over other processes (same meta_batch)
 GROUPS = ("algo", "dataset", "learner", "task", "meta_opt", "experiment", "debug", "hparams_search")
 
 

@@ -1,4 +1,9 @@
-"""The meta-batch of tasks split over every device (a 1-D mesh axis "tasks"); parameters replicated."""
+"""The meta-batch of tasks split over every device (a 1-D mesh axis "tasks"); parameters replicated.
+
+Under several processes (metarun.distributed) the mesh spans every process's devices: each device
+samples its own slice of the meta-batch (`shard_sampling`), replicated state is assembled from each
+process's identical host copy (`replicate`), and evaluation runs on a process-local copy (`local_copy`).
+"""
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
@@ -33,10 +38,59 @@ def task_mesh(meta_batch: int, devices: Optional[Sequence[jax.Device]] = None) -
 
 
 def replicate(tree, mesh: Optional[Mesh]):
-    """Place every leaf of `tree` whole on every device of `mesh` (unchanged when mesh is None)."""
+    """Place every leaf of `tree` whole on every device of `mesh` (unchanged when mesh is None).
+
+    Several processes: each contributes its own copy of the leaf (the same in every process: same seed,
+    same data) to its own devices through `jax.make_array_from_process_local_data`; no cross-process
+    transfer or equality check. Leaves already replicated on `mesh` are kept as they are.
+    """
     if mesh is None:
         return tree
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    target = NamedSharding(mesh, PartitionSpec())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, target)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(target, x.ndim):
+            return x
+        return jax.make_array_from_process_local_data(target, np.asarray(x))
+
+    return jax.tree.map(put, tree)
+
+
+def local_copy(tree):
+    """`tree` on this process's first device (unchanged in a single process), for work that every
+    process does alone on identical inputs: validation and the final evaluation. A replicated leaf
+    reads from the local shard, with no communication."""
+    if jax.process_count() == 1:
+        return tree
+    return jax.device_put(jax.device_get(tree), jax.local_devices()[0])
+
+
+def shard_sampling(mesh: Optional[Mesh]) -> Optional[Callable]:
+    """`(sampler, data, key, meta_batch) -> tasks` drawing each device's slice of the meta-batch on
+    that device (a shard_map over "tasks"), the result sharded over the mesh; None for one device.
+
+    Device i draws tasks i*m .. (i+1)*m - 1 (m = meta_batch / devices) from the same per-task keys
+    as `data.tasks.sample_batch` (`jax.random.split(key, meta_batch)[j]` for task j), so the meta-batch
+    is the same for any number of devices and processes, and a process never samples another's tasks.
+    """
+    if mesh is None:
+        return None
+    n = mesh.size
+
+    def sample(sampler, data, key, meta_batch: int):
+        per_device = meta_batch // n
+
+        def local(data, key):
+            keys = jax.random.split(key, meta_batch)  # [meta_batch, 2] uint32: cheap to make whole here
+            mine = jax.lax.dynamic_slice_in_dim(keys, jax.lax.axis_index(TASK_AXIS) * per_device, per_device)
+            return jax.vmap(sampler, in_axes=(None, 0))(data, mine)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec()),
+                             out_specs=PartitionSpec(TASK_AXIS))(data, key)
+
+    return sample
 
 
 def task_constraint(mesh: Optional[Mesh]) -> Optional[Callable]:
@@ -55,4 +109,6 @@ def task_constraint(mesh: Optional[Mesh]) -> Optional[Callable]:
 def describe(mesh: Optional[Mesh]) -> str:
     if mesh is None:
         return "1 device"
-    return f"meta-batch sharded over {mesh.size} {mesh.devices.flat[0].platform} devices (mesh axis '{TASK_AXIS}')"
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return (f"meta-batch sharded over {mesh.size} {mesh.devices.flat[0].platform} devices{processes} "
+            f"(mesh axis '{TASK_AXIS}')")

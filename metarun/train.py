@@ -1,6 +1,7 @@
 """The training loop and all its side effects: progress, metrics, validation, checkpoints, results."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from metarun import sharding
+from metarun import distributed, sharding
 from metarun.build import initial_state, load_family
 from metarun.checkpoint import Checkpoints
 from metarun.core import make_train_chunk
@@ -81,11 +82,15 @@ def run(cfg, run_dir: Path, overrides: Optional[List[str]] = None) -> Optional[f
     """Train per `cfg` into `run_dir` (one run per directory: a lock); returns the best validation
     score, higher is better (the sweep objective). `overrides`: the command line's, for resume."""
     run_dir = Path(run_dir)
+    distributed.initialize(cfg.get("distributed"))  # several processes: join them before JAX starts
+    primary = distributed.is_primary()  # process 0 alone writes the run directory's files
+    distributed.require_same("hydra.run.dir", str(run_dir))  # one run dir (shared by all hosts)
     try:
-        with RunLock(run_dir):
+        with RunLock(run_dir) if primary else contextlib.nullcontext():
             return _train(cfg, run_dir, overrides)
     except UserError:
-        restore_hydra_config(run_dir)  # Hydra rewrote .hydra/config.yaml before metarun ran: put the run's own back
+        if primary:
+            restore_hydra_config(run_dir)  # Hydra rewrote .hydra/config.yaml before metarun ran: put the run's own back
         raise
 
 
@@ -109,7 +114,8 @@ def _train(cfg, run_dir: Path, overrides: Optional[List[str]]) -> Optional[float
         validator = Evaluator(cfg, family, "val", cfg.train.val_episodes, cfg.eval.seed + 1, cfg.eval.batch)
 
     ckpts = Checkpoints(ckpts_dir, cfg.train.keep_ckpts)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    primary = distributed.is_primary()
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl") if primary else None
     wall_offset = 0.0
     if cfg.resume:
         restored = ckpts.restore_latest(state)
@@ -117,15 +123,19 @@ def _train(cfg, run_dir: Path, overrides: Optional[List[str]]) -> Optional[float
         if restored is not None:
             state = restored
         ckpts.drop_after(start)
-        rows = metrics_log.truncate_after(start)
+        rows = metrics_log.truncate_after(start) if primary else []
         wall_offset = max((r.get("wall_s", 0.0) for r in rows), default=0.0)
         log.info("resuming at step %d from %s", start, ckpts_dir)
-    if not cfg.resume:
-        save_choices(run_dir)
-    save_config(run_dir, cfg)
-    restore_hydra_config(run_dir)
+    if primary:
+        if not cfg.resume:
+            save_choices(run_dir)
+        save_config(run_dir, cfg)
+        restore_hydra_config(run_dir)
     loop = _loop
     if schedule(cfg) == "online":  # a task stream (FTML): metarun.online_train
+        if jax.process_count() > 1:
+            raise UserError(f"train.schedule=online runs in one process, not {jax.process_count()}: "
+                            f"leave distributed.* unset (or distributed.num_processes=1)")
         from metarun.online_train import online_loop as loop
     try:
         return loop(cfg, run_dir, family, algo, optimizer, state, evaluator, validator, ckpts, metrics_log,
@@ -148,16 +158,18 @@ def _loop(cfg, run_dir, family, algo, optimizer, state, evaluator, validator, ck
     compile_start = time.perf_counter()
     train_chunk = make_train_chunk(algo, optimizer, family.sampler("train"), cfg.train.meta_batch, chunk,
                                    shard_tasks=sharding.task_constraint(mesh), task_batching=cfg.train.task_batching,
-                                   task_chunk=cfg.train.task_chunk, skip_nonfinite=on_nonfinite == "skip_step")
+                                   task_chunk=cfg.train.task_chunk, skip_nonfinite=on_nonfinite == "skip_step",
+                                   sample_tasks=sharding.shard_sampling(mesh))
     train_chunk = train_chunk.lower(state, train_data).compile()
     compile_s = time.perf_counter() - compile_start
     log.info("compiled in %.1f s; training steps %d..%d", compile_s, start, total)
 
-    writer = _tensorboard(run_dir) if cfg.train.tensorboard else None
+    primary = distributed.is_primary()
+    writer = _tensorboard(run_dir) if cfg.train.tensorboard and primary else None
     pending, skipped = [], 0
     t0 = time.perf_counter()
     last_log_time, last_log_step = t0, start
-    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=not cfg.train.progress,
+    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=not (cfg.train.progress and primary),
                desc=f"{cfg.algo.name}/{cfg.dataset.name}")
     step = start
     while step < total:
@@ -186,10 +198,12 @@ def _loop(cfg, run_dir, family, algo, optimizer, state, evaluator, validator, ck
             bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in row.items() if k.startswith("train/")})
         if validator is not None and itstime(step, cfg.train.val_every, total):
             val_start = time.perf_counter()
-            val = validator(state.params, state.algo_state)[validator.inner_steps]
+            # Every process validates the same episodes on its own copy; process 0's score decides the
+            # best checkpoint everywhere (its save is collective).
+            val = validator(*sharding.local_copy((state.params, state.algo_state)))[validator.inner_steps]
             row = row or {"step": step, "wall_s": round(wall_offset + time.perf_counter() - t0, 3)}
             row.update({f"val/{validator.metric}": val["mean"], f"val/{validator.metric}_ci95": val["ci95"]})
-            val_score = family.score(val["mean"])
+            val_score = distributed.agree(family.score(val["mean"]))
             if val_score > float(state.best_score):
                 state = sharding.replicate(state._replace(best_score=jnp.float32(val_score),
                                                           best_step=jnp.int32(step)), mesh)
@@ -200,7 +214,7 @@ def _loop(cfg, run_dir, family, algo, optimizer, state, evaluator, validator, ck
             if not bar.disable:
                 bar.start_t += val_s
                 bar.last_print_t += val_s
-        if row is not None:
+        if row is not None and primary:
             metrics_log.append(row)
             if writer is not None:
                 for k, v in row.items():
@@ -217,11 +231,15 @@ def _loop(cfg, run_dir, family, algo, optimizer, state, evaluator, validator, ck
         if best is not None:
             params, algo_state, which = best["params"], best["algo_state"], "best"
     has_best = int(state.best_step) >= 0
+    params, algo_state = sharding.local_copy((params, algo_state))
+    if not primary:  # the same evaluation, so every process ends together; process 0 writes it
+        main = evaluator(params, algo_state)[evaluator.inner_steps]
+        return float(state.best_score) if has_best else family.score(main["mean"])
     results = write_results(run_dir, cfg, evaluator, params, algo_state, {
         "checkpoint": which, "steps": total, "train_wall_s": round(train_wall, 3),
         "compile_s": round(compile_s, 3), "best_val_score": float(state.best_score) if has_best else None,
         "best_val_step": int(state.best_step) if has_best else None, "skipped_steps": skipped,
-        "val_metric": validator.metric if validator else None})
+        "val_metric": validator.metric if validator else None, "processes": jax.process_count()})
     if writer is not None:
         writer.close()
     log.info("%s  (run dir: %s)", format_result(results), run_dir)
@@ -237,7 +255,8 @@ def _stop_diverged(run_dir: Path, ckpts: Checkpoints, bad_step: int, cfg) -> Non
     lrs = [f"algo.{k}={cfg.algo[k]}" for k in ("inner_lr",) if cfg.algo.get(k) is not None] + [f"meta_opt.lr={cfg.meta_opt.lr}"]
     error = DivergedError(f"training diverged at step {bad_step} (non-finite loss, gradient or parameters); {kept}; "
                           f"lower the learning rates ({', '.join(lrs)}) or set train.on_nonfinite=skip_step")
-    write_failure(run_dir, error, _overrides())
+    if distributed.is_primary():
+        write_failure(run_dir, error, _overrides())
     raise error
 
 

@@ -9,14 +9,24 @@ order, Adam outer step.
   python scripts/bench.py                       # metarun, then the torch peer; one JSON line
   python scripts/bench.py --inner-steps 5 --no-peer
   python scripts/bench.py --override learner.conv_impl=xla --json
+  python scripts/bench.py --no-peer --peak-size 4096   # a bigger matmul for the machine's peak
 
 Prints one JSON line: ms per meta-step (median over --iters calls, divided by
 --steps-per-call), compile seconds (AOT lower+compile), peak memory, backend, and, when torch
 imports, the peer's ms and the ratio peer_ms / metarun_ms (> 1: metarun is faster).
+
+Unless --no-peak, also the fraction of the machine's peak that the meta-step reaches:
+`peak`: the best FLOP/s of a jitted n x n matmul (float32, and bfloat16 inputs with float32
+accumulation), best of --peak-iters calls; `flops`: the meta-step's FLOPs from XLA's cost analysis
+(`lower(...).compile().cost_analysis()`) of a loop-free build of the same step (every lax.scan
+unrolled, the meta-batch vmapped, one step per call: XLA counts a while loop's body once, whatever
+its trip count, so the timed program's own count misses the tasks and inner steps); and
+`peak_fraction` = flops / (ms / 1000) / peak float32 FLOP/s.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -59,6 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--peer-mode", default="loop", choices=["loop", "func"])
     p.add_argument("--peer-iters", type=int, default=None, help="peer timed steps (default: --iters)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.add_argument("--no-peak", action="store_true",
+                   help="skip the peak FLOP/s matmuls and the meta-step's FLOP count")
+    p.add_argument("--peak-size", type=int, default=2048, help="side n of the n x n peak matmul")
+    p.add_argument("--peak-iters", type=int, default=10, help="timed peak matmuls (the best is kept)")
     p.add_argument("--sweep", action="append", default=[], metavar="FLAG=V1,V2",
                    help="cost growth: rerun this script (fresh process per point) over meta-batch or "
                         "inner-steps values, e.g. --sweep meta-batch=1,2,4,8; prints one JSON line per point")
@@ -200,6 +214,13 @@ def bench_metarun(a, log):
     cpu_ms = ((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)) * 1e3 / (a.iters * a.steps_per_call)
     loss = float(metrics["loss"][-1])
     peak_mb, peak_kind = peak_memory()
+    counted = {}
+    if not a.no_peak:
+        log("counting the meta-step's FLOPs (loop-free build) ...")
+        _, _, fresh = initial_state(cfg, family)  # `state` was donated to the timed calls
+        counted = meta_step_flops(cfg, algo, optimizer, fresh, sampler, data)
+        # The timed program's own count, for contrast: its loops' bodies counted once.
+        counted["timed_program_xla_flops"] = compiled_flops(compiled)
     dev = jax.devices()[0]
     return dict(
         ms=round(statistics.median(times), 2), min_ms=round(min(times), 2), max_ms=round(max(times), 2),
@@ -208,7 +229,98 @@ def bench_metarun(a, log):
         jax=jax.__version__, conv_impl=resolve_conv_impl(cfg.learner.conv_impl), task_batching=batching,
         task_chunk=task_chunk, xla_flags=os.environ.get("XLA_FLAGS", ""), compile_cache=a.compile_cache,
         final_loss=round(loss, 4),
-        overrides=list(a.override))
+        overrides=list(a.override), **counted)
+
+
+def compiled_flops(compiled) -> float:
+    """The "flops" of XLA's cost analysis of a compiled program."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+
+
+def xla_flops(jitted, *args) -> float:
+    """FLOPs of `jitted(*args)` by XLA's cost analysis of the compiled program. A while loop's body
+    (lax.scan, lax.map, fori_loop) is counted once, whatever its trip count: see `unrolled_scans`."""
+    return compiled_flops(jitted.lower(*args).compile())
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+    """While active, every `jax.lax.scan` traced is fully unrolled (straight-line code, no while loop),
+    so XLA's cost analysis counts every iteration. For counting only: unrolled programs compile slower."""
+    import jax
+
+    original = jax.lax.scan
+
+    def scan(*args, **kwargs):
+        kwargs["unroll"] = True
+        return original(*args, **kwargs)
+
+    jax.lax.scan = scan
+    try:
+        yield
+    finally:
+        jax.lax.scan = original
+
+
+def peak_flops(n: int = 2048, iters: int = 10, dtype: str = "float32") -> dict:
+    """The best FLOP/s of a jitted n x n x n matmul (2·n³ FLOPs) over `iters` calls; `dtype` inputs,
+    float32 accumulation and output. Also XLA's own FLOP count of that program (a check of the count)."""
+    import jax
+    import jax.numpy as jnp
+
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+    matmul(a, b).block_until_ready()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    flops = 2.0 * n ** 3
+    return dict(dtype=dtype, n=n, best_ms=round(min(times) * 1e3, 3), median_ms=round(statistics.median(times) * 1e3, 3),
+                gflops=round(flops / min(times) / 1e9, 2), flops=flops, xla_flops=xla_flops(matmul, a, b))
+
+
+def loops_with_matmuls(hlo_text: str) -> int:
+    """How many while loops of a compiled HLO module contain a dot or convolution (directly or in a
+    computation they call): the loops whose FLOPs XLA's cost analysis would count once per program."""
+    comps = {m.group(1): m.group(2) for m in
+             re.finditer(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo_text, re.M | re.S)}
+    refs = re.compile(r"(?:body|condition|calls|to_apply)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
+
+    def called(text):
+        for m in refs.finditer(text):
+            yield from ([m.group(1)] if m.group(1) else [c.strip().lstrip("%") for c in m.group(2).split(",")])
+
+    def has_matmul(name, seen):
+        if name in seen or name not in comps:
+            return False
+        seen.add(name)
+        return bool(re.search(r"\b(dot|convolution)\(", comps[name])) or any(has_matmul(c, seen) for c in called(comps[name]))
+
+    bodies = re.findall(r"\bwhile\([^\n]*?body=%([\w.\-]+)", hlo_text)
+    return sum(has_matmul(b, set()) for b in bodies)
+
+
+def meta_step_flops(cfg, algo, optimizer, state, sampler, data) -> dict:
+    """FLOPs of one meta-step of `cfg`'s workload by XLA's cost analysis of a loop-free build: the
+    meta-batch vmapped (not lax.map), one step per call, every lax.scan (inner steps) unrolled.
+    `loops_with_matmuls` (expected 0) counts the loops left that hold a dot or convolution; the
+    random-number generator's rounds stay loops (integer work, no matmul)."""
+    from metarun.core import make_train_chunk
+
+    chunk = make_train_chunk(algo, optimizer, sampler, cfg.train.meta_batch, 1, task_batching="vmap")
+    t0 = time.perf_counter()
+    with unrolled_scans():
+        lowered = chunk.lower(state, data)
+    compiled = lowered.compile()
+    return dict(flops=compiled_flops(compiled), loops_with_matmuls=loops_with_matmuls(compiled.as_text()),
+                count_compile_s=round(time.perf_counter() - t0, 2))
 
 
 def bench_peer(a, log):
@@ -256,6 +368,15 @@ def main(argv=None):
                       order="first" if a.first_order else "second", steps_per_call=a.steps_per_call),
         host=dict(nproc=os.cpu_count(), machine=platform.machine(), load1=round(os.getloadavg()[0], 2)))
     result["metarun"] = bench_metarun(a, log)
+    if not a.no_peak:
+        log(f"peak: {a.peak_size}^3 matmuls, best of {a.peak_iters} ...")
+        peaks = {dt: peak_flops(a.peak_size, a.peak_iters, dt) for dt in ("float32", "bfloat16")}
+        result["peak"] = peaks
+        m = result["metarun"]
+        achieved = m["flops"] / (m["ms"] / 1e3)  # ms is per meta-step
+        m["achieved_gflops"] = round(achieved / 1e9, 2)
+        m["peak_fraction"] = round(achieved / (peaks["float32"]["gflops"] * 1e9), 4)
+        m["peak_fraction_of_bf16"] = round(achieved / (peaks["bfloat16"]["gflops"] * 1e9), 4)
     if not a.no_peer:
         peer = bench_peer(a, log)
         if peer:

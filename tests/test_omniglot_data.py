@@ -101,6 +101,62 @@ def test_split_errors(source):
         split_classes(source, "vinyals")
 
 
+# Omniglot's own layout in miniature: 30 background alphabets (one character each) and 3 evaluation
+# alphabets; every drawing of character c is a flat image of gray level 255 - LEVEL * c, so a class of
+# any split names its character by its pixels (decoding inverts: ink bright).
+LAKE_BG, LAKE_EVAL, LEVEL = [f"Back{a:02d}" for a in range(30)], ["Eval_A", "Eval_B", "Eval_C"], 7
+
+
+@pytest.fixture(scope="module")
+def lake_source(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("lake_layout")
+    for c, alphabet in enumerate(LAKE_BG + LAKE_EVAL, start=1):
+        part = "images_background" if alphabet in LAKE_BG else "images_evaluation"
+        folder = root / part / alphabet / "character01"
+        folder.mkdir(parents=True)
+        for d in range(1, FAKE_DRAWINGS + 1):
+            Image.new("L", (8, 8), 255 - LEVEL * c).save(folder / f"{c:04d}_{d:02d}.png")
+    return load_omniglot(str(root), image_size=4, cache_dir=str(tmp_path_factory.mktemp("cache")))
+
+
+def _alphabets(source, pairs):
+    return {source.names[i].split("/")[0] for i, _ in pairs}
+
+
+def test_lake30_trains_on_all_30_background_alphabets(lake_source):
+    members = omniglot.split_members(lake_source, "lake30", (0, 90))
+    assert _alphabets(lake_source, members["train"]) == set(LAKE_BG)   # all 30, none held out
+    assert _alphabets(lake_source, members["test"]) == set(LAKE_EVAL)
+    assert members["val"] == [] and len(members["train"]) == 30 * 2   # once per rotation
+    # The arrays hold exactly those characters: the train classes' pixels are the 30 background
+    # levels (each twice: two rotations), no evaluation level among them.
+    splits = split_classes(lake_source, "lake30", (0, 90))
+    levels = lambda a: sorted(int(x) // LEVEL for x in a[:, 0, 0, 0, 0])  # noqa: E731
+    assert levels(splits["train"]) == sorted(2 * list(range(1, 31)))
+    assert levels(splits["test"]) == sorted(2 * [31, 32, 33])
+    assert splits["val"].shape == (0, FAKE_DRAWINGS, 4, 4, 1) and splits["val"].dtype == np.uint8
+    # The 25/5 protocol on the same layout, for contrast: the last 5 background alphabets validate.
+    lake = omniglot.split_members(lake_source, "lake", (0,))
+    assert _alphabets(lake_source, lake["train"]) == set(LAKE_BG[:25])
+    assert _alphabets(lake_source, lake["val"]) == set(LAKE_BG[25:])
+
+
+def test_lake30_has_no_validation_classes(lake_source):
+    """A run that validates on lake30 is told, in one line, to train without validation."""
+    from conftest import compose
+    from metarun.families.classification import ClassificationFamily
+
+    cfg = compose(["dataset=omniglot", "dataset.split=lake30", "task.ways=2"])
+    family = ClassificationFamily("omniglot", split_classes(lake_source, "lake30", (0,)), cfg.task, cfg.dataset)
+    family.sampler("train"), family.sampler("test")
+    with pytest.raises(UserError, match=r"dataset\.split=lake30 has no 'val' classes; .*train\.val_every=0"):
+        family.sampler("val")
+    with pytest.raises(UserError, match=r"valid values: vinyals, lake, lake30"):
+        omniglot.load(compose(["dataset=omniglot", "dataset.split=lake31"]).dataset)
+
+
 def test_missing_dir(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(UserError, match="does not exist") as err:

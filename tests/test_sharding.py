@@ -46,7 +46,7 @@ DRIVER = textwrap.dedent("""
     mesh = sharding.task_mesh(cfg.train.meta_batch)
     state, data = sharding.replicate(state, mesh), sharding.replicate(family.data["train"], mesh)
     chunk = make_train_chunk(algo, optimizer, sampler, cfg.train.meta_batch, steps,
-                             shard_tasks=sharding.task_constraint(mesh))
+                             shard_tasks=sharding.task_constraint(mesh), sample_tasks=sharding.shard_sampling(mesh))
     hlo = chunk.lower(state, data).compile().as_text()
     state, metrics = chunk(state, data)
     leaves = jax.tree_util.tree_leaves_with_path(state.params)

@@ -27,6 +27,13 @@ _CHAR_RE = re.compile(r"character\d+")
 _CACHE_VERSION = 1
 _EXPECTED = "expected a folder holding images_background.zip and images_evaluation.zip (or the extracted folders)"
 _LAKE_VAL_ALPHABETS = 5
+# dataset.split: which characters train, validate and test (each once per rotation).
+SPLIT_MEANINGS = {
+    "vinyals": "Vinyals et al.'s shipped lists: 1028 train / 172 val / 423 test characters",
+    "lake": "train on 25 background alphabets, validate on the last 5 (by name), test on the 20 evaluation alphabets",
+    "lake30": "train on all 30 background alphabets (Lake et al.; Snell et al.), no validation "
+              "(train.val_every=0, a fixed step count), test on the 20 evaluation alphabets",
+}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: comparing ndarray fields with == is ambiguous
@@ -238,31 +245,49 @@ def _vinyals_pairs(source: OmniglotSource, steps: dict[int, int]) -> dict[str, l
     return pairs
 
 
-def split_classes(source: OmniglotSource, split: str = "vinyals", rotations: Sequence[int] = (0, 90, 180, 270)) -> dict[str, np.ndarray]:
-    """Split into {"train","val","test"}: uint8 [classes, 20, S, S, 1], one class per (character, rotation).
+def _unknown_split(split) -> UserError:
+    return UserError(f"dataset.split={split!r} is unknown; valid values: {', '.join(SPLIT_MEANINGS)}")
+
+
+def split_members(source: OmniglotSource, split: str = "vinyals",
+                  rotations: Sequence[int] = (0, 90, 180, 270)) -> dict[str, list[tuple[int, int]]]:
+    """{"train","val","test"}: the classes of each part as (index into source.names, quarter turns).
 
     "vinyals": the shipped class lists of Vinyals et al. (2016), restricted to `rotations`.
     "lake": train = images_background characters except the last 5 background alphabets (sorted by name),
-    which form val; test = images_evaluation characters. Each character appears once per rotation.
-    Rotations turn counter-clockwise by k*90 degrees (np.rot90 on H, W).
+    which form val; test = images_evaluation characters.
+    "lake30": train = every images_background character (all 30 alphabets, as Lake et al. 2015 and
+    Snell et al. 2017 trained); val = none (train with train.val_every=0); test = images_evaluation.
+    Each character appears once per rotation.
     """
     steps = _rotation_steps(rotations)
     if split == "vinyals":
-        pairs = _vinyals_pairs(source, steps)
-    elif split == "lake":
+        return _vinyals_pairs(source, steps)
+    if split not in ("lake", "lake30"):
+        raise _unknown_split(split)
+    held = np.zeros(len(source.names), bool)
+    if split == "lake":
         alphabet = np.array([n.split("/", 1)[0] for n in source.names])
         bg_alphabets = sorted(set(alphabet[source.background]))
         if len(bg_alphabets) <= _LAKE_VAL_ALPHABETS:
             raise UserError(f"dataset.split=lake needs more than {_LAKE_VAL_ALPHABETS} background alphabets, the data has {len(bg_alphabets)}")
         held = np.isin(alphabet, bg_alphabets[-_LAKE_VAL_ALPHABETS:]) & source.background
-        members = {"train": source.background & ~held, "val": held, "test": ~source.background}
-        pairs = {k: [(int(i), s) for i in np.flatnonzero(m) for s in steps.values()] for k, m in members.items()}
-    else:
-        raise UserError(f"dataset.split={split!r} is unknown; valid values: vinyals, lake")
-    empty = [k for k, p in pairs.items() if not p]
+    members = {"train": source.background & ~held, "val": held, "test": ~source.background}
+    return {k: [(int(i), s) for i in np.flatnonzero(m) for s in steps.values()] for k, m in members.items()}
+
+
+def split_classes(source: OmniglotSource, split: str = "vinyals", rotations: Sequence[int] = (0, 90, 180, 270)) -> dict[str, np.ndarray]:
+    """Split into {"train","val","test"}: uint8 [classes, 20, S, S, 1], one class per (character, rotation),
+    the classes of `split_members`. Rotations turn counter-clockwise by k*90 degrees (np.rot90 on H, W).
+    lake30's val is empty ([0, 20, S, S, 1]): a run with validation is refused when it asks for it.
+    """
+    pairs = split_members(source, split, rotations)
+    empty = [k for k, p in pairs.items() if not p and not (split == "lake30" and k == "val")]
     if empty:
         raise UserError(f"dataset.split={split} gives no classes for {'/'.join(empty)}; the data needs both images_background and images_evaluation")
-    return {k: np.stack([np.rot90(source.images[i], s, axes=(1, 2)) for i, s in p]) for k, p in pairs.items()}
+    blank = np.zeros((0,) + source.images.shape[1:], source.images.dtype)
+    return {k: np.stack([np.rot90(source.images[i], s, axes=(1, 2)) for i, s in p]) if p else blank
+            for k, p in pairs.items()}
 
 
 @dataclasses.dataclass
@@ -280,8 +305,8 @@ class OmniglotConfig:
 def load(cfg, seed: int = 0) -> dict[str, np.ndarray]:
     """{split: uint8 [classes, 20, S, S, 1]} from dataset.local_dir (or tensorflow-datasets)."""
     del seed
-    if cfg.split not in ("vinyals", "lake"):  # checked before the (slow) first decode
-        raise UserError(f"dataset.split={cfg.split!r} is unknown; valid values: vinyals, lake")
+    if cfg.split not in SPLIT_MEANINGS:  # checked before the (slow) first decode
+        raise _unknown_split(cfg.split)
     _rotation_steps(list(cfg.rotations))
     source = load_omniglot(cfg.local_dir, cfg.image_size, cfg.cache_dir)
     return split_classes(source, cfg.split, list(cfg.rotations))

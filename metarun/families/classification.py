@@ -128,6 +128,9 @@ class ClassificationFamily(TaskFamily):
             raise UserError(f"split {split!r} is unknown; expected one of: {', '.join(SPLITS)}")
         shape = self.shapes[split]
         n = self.num_classes[split]
+        if n == 0:  # e.g. Omniglot's lake30: all background alphabets train, none is held out
+            raise UserError(f"dataset={self.name} with dataset.split={self.class_split} has no '{split}' classes"
+                            + ("; train without validation: train.val_every=0" if split == "val" else ""))
         if shape.ways > n:
             raise UserError(f"task ways={shape.ways} exceeds the {n} classes of the '{split}' split of "
                             f"dataset={self.name}; choose task.ways (or task.test_ways) <= {n}")
