@@ -89,19 +89,23 @@ def run_keys(seed: int, classes: int, runs: int, stream: int = TEST_STREAM) -> j
 def split_features(represent, images, shots: int) -> Tuple[jax.Array, jax.Array]:
     """(learned [C, shots, D], held out [C, E-shots, D]) features of a split's images [C, E, H, W, C]; each
     class's learned images form one batch and its held-out images another (a BatchNorm body sees no mix)."""
-    embed = jax.jit(jax.vmap(lambda x: represent(x.astype(jnp.float32) / 255.0)))
+
+    @jax.jit
+    def embed(chunk):
+        x = chunk.astype(jnp.float32) / 255.0
+        return jax.vmap(represent)(x[:, :shots]), jax.vmap(represent)(x[:, shots:])
+
     images = np.asarray(images)
-    parts = []
-    for part in (images[:, :shots], images[:, shots:]):
-        out = []
-        for start in range(0, part.shape[0], FEATURE_BATCH):
-            chunk = part[start:start + FEATURE_BATCH]
-            pad = FEATURE_BATCH - chunk.shape[0]  # one compiled shape: pad the last chunk, drop its rows after
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(embed(chunk))[:FEATURE_BATCH - pad])
-        parts.append(jnp.asarray(np.concatenate(out)))
-    return parts[0], parts[1]
+    learned, held = [], []
+    for start in range(0, images.shape[0], FEATURE_BATCH):
+        chunk = images[start:start + FEATURE_BATCH]
+        pad = FEATURE_BATCH - chunk.shape[0]  # one compiled shape: pad the last chunk, drop its rows after
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        a, b = jax.device_get(embed(chunk))
+        learned.append(a[:FEATURE_BATCH - pad])
+        held.append(b[:FEATURE_BATCH - pad])
+    return jnp.asarray(np.concatenate(learned)), jnp.asarray(np.concatenate(held))
 
 
 def run_batch_for(meta_pln, feature_dim: int, classes: int, held_out: int, runs: int) -> int:

@@ -185,10 +185,10 @@ class ANMLNet(nn.Module):
         return z if self.out_dim is None else self.pln(z)
 
 
-def min_side(strides: Sequence[int], pools: Sequence[bool] = ()) -> int:
-    """The smallest input side that leaves a feature map of at least 1x1."""
+def min_side(strides: Sequence[int], pools: Sequence[bool] = (), final: int = 1) -> int:
+    """The smallest input side that leaves a feature map of at least final x final."""
     side = 1
-    while valid_side(side, strides, pools) < 1:
+    while valid_side(side, strides, pools) < final:
         side += 1
     return side
 
@@ -248,4 +248,5 @@ def min_image_side(module) -> int:
     """The smallest image side a continual net reads (valid convolutions shrink the map)."""
     if isinstance(module, OMLNet):
         return min_side(tuple(module.strides))
-    return min_side((1, 1, 1), (True, True, False))
+    # instance norm over a 1x1 map outputs its bias alone: ANML needs a final map of at least 2x2
+    return min_side((1, 1, 1), (True, True, False), final=2)
