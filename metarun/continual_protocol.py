@@ -40,6 +40,11 @@ HEADS = ("reset", "meta")
 RUN_MEMORY = 256 * 2 ** 20   # bytes of per-run state (PLN, optimiser moments, gradients) vmapped at once
 FEATURE_BATCH = 8            # classes embedded per device call
 VAL_STREAM, TEST_STREAM = 1, 0
+# Published Omniglot figures drawn beside a run's curve (accuracy by classes learned; issue 14's references)
+REFERENCE = {"anml": {"ANML (higherANML)": {10: 0.90, 50: 0.89, 75: 0.86, 100: 0.85, 200: 0.80, 300: 0.76,
+                                            400: 0.72, 600: 0.65}},
+             "oml": {"OML released model (mrcl #8)": {10: 0.847, 50: 0.668, 75: 0.586, 100: 0.525, 150: 0.444,
+                                                      200: 0.364}}}
 
 
 def check_continual_config(eval_cfg) -> None:
@@ -63,7 +68,8 @@ def check_continual_config(eval_cfg) -> None:
         raise UserError(f"eval.continual_optimizer={eval_cfg.continual_optimizer} is unknown; expected one of: "
                         f"{', '.join(OPTIMIZERS)}")
     if eval_cfg.get("continual_head", "reset") not in HEADS:
-        raise UserError(f"eval.continual_head={eval_cfg.continual_head} is unknown; expected one of: {', '.join(HEADS)}")
+        raise UserError(f"eval.continual_head={eval_cfg.continual_head} is unknown; expected one of: "
+                        f"{', '.join(HEADS)}")
 
 
 def resolve_protocol(eval_cfg, family) -> str:
@@ -241,7 +247,8 @@ def run_continual(cfg, family, params, algo_state, run_dir=None) -> dict:
             path = continual_curve({f"{cfg.algo.name} ({results['runs']} runs, 95% CI)":
                                     (ks, [a["mean"] for a in acc], [a["ci95"] for a in acc])},
                                    Path(run_dir) / "continual_curve.png",
-                                   title=f"{cfg.algo.name} on {family.name} {split} classes")
+                                   title=f"{cfg.algo.name} on {family.name} {split} classes",
+                                   reference=REFERENCE.get(cfg.algo.name) if family.name == "omniglot" else None)
             results["plots"].append(path.name)
         except Exception as e:  # a figure must not cost the run its numbers
             log.warning("continual curve failed: %s", e)

@@ -46,5 +46,6 @@ def fast_slow_builder(algo_name: str) -> Callable:
         return body_fast_slow
     from metarun.registry import entries
     known = sorted([n for n, e in entries("algo").items() if "fast_slow" in e.meta] + list(BODY_ALGOS))
-    raise UserError(f"eval.protocol=continual needs a slow representation and a fast prediction network; algo={algo_name} "
+    raise UserError(f"eval.protocol=continual needs a slow representation and a fast prediction network; "
+                    f"algo={algo_name} "
                     f"has no such split to map (expected one of: {', '.join(known)})")

@@ -74,7 +74,9 @@ def test_meta_test_adaptation_leaves_the_representation_and_neuromodulation_unch
     params, _ = train.init(jax.random.PRNGKey(0), SimpleNamespace(support=support))
     trained = train.adapt(params, {}, support, jax.random.PRNGKey(2))["net"]
     tested = test.adapt(params, {}, support, jax.random.PRNGKey(2))["net"]
-    moved = lambda a, b: max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa: E731
+    def moved(a, b):
+        return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
     assert moved(trained["rln"], params["net"]["rln"]) > 0 and moved(trained["nm"], params["net"]["nm"]) == 0
     assert moved(tested["rln"], params["net"]["rln"]) == 0 and moved(tested["nm"], params["net"]["nm"]) == 0
     assert tested["pln"]["head"]["kernel"].shape == (18, 3)          # a fresh head for the episode's 3 classes

@@ -135,7 +135,8 @@ def build_continual(a, c: Collaborators, name: str, needs_gates: bool = False) -
         raise UserError(f"algo={name} needs a representation and a prediction network: {wanted} "
                         f"(learner={c.learner_cfg.name} has no such split)")
     if a.adapt == "prediction" and not isinstance(module, ANMLNet):
-        raise UserError(f"algo.adapt=prediction adapts ANML's prediction network: use learner=anml_net or algo.adapt=pln")
+        raise UserError("algo.adapt=prediction adapts ANML's prediction network: use learner=anml_net or "
+                        "algo.adapt=pln")
     side, need = min(c.family.image_shape[:2]), min_image_side(module)
     if side < need:
         raise UserError(f"dataset.image_size={side} is too small for learner={c.learner_cfg.name} (valid convolutions "

@@ -99,7 +99,8 @@ def build_family(dataset_cfg, task_cfg, seed: int = 0, augment=None, label_smoot
     if chosen and chosen != family_name:  # task.family: another family over the same arrays (e.g. stream)
         reads = lookup("family", chosen, "task.family").meta.get("reads", ())
         if family_name not in reads:
-            raise UserError(f"task.family={chosen} reads {', '.join(reads) or 'no'} datasets; dataset={dataset_cfg.name} "
+            raise UserError(f"task.family={chosen} reads {', '.join(reads) or 'no'} datasets; "
+                            f"dataset={dataset_cfg.name} "
                             f"feeds the {family_name} family")
         family_name = chosen
     family_cls = lookup("family", family_name).build

@@ -114,7 +114,8 @@ class StreamFamily(ClassificationFamily):
                             f"dataset={self.name}; choose task.test_ways <= {n}")
         if shape.shots + shape.queries > per_class:
             raise UserError(f"task.test_shots+test_queries={shape.shots + shape.queries} exceeds the {per_class} "
-                            f"examples per class of dataset={self.name} (learned images and held-out ones are disjoint)")
+                            f"examples per class of dataset={self.name} (learned and held-out images are "
+                            f"disjoint)")
         return make_continual_episode_sampler(shape.ways, shape.shots, shape.queries)
 
     def describe(self, split: str):
