@@ -41,6 +41,9 @@ class TaskConfig:
     test_queries: Optional[int] = None
     # Regression: the support size drawn per task from U{min_shots..shots} (masked); None = always shots.
     min_shots: Optional[int] = None
+    # The task family over the dataset (None: the dataset's own). `stream` (conf/task/stream.yaml): ordered
+    # trajectories of classes for continual meta-learning (metarun.families.stream).
+    family: Optional[str] = None
 
 
 @dataclass
@@ -103,6 +106,19 @@ class EvalConfig:
     ways: Optional[int] = None
     shots: Optional[int] = None
     queries: Optional[int] = None
+    # auto: the family's own protocol (episodes; continual for task.family=stream); continual: also run the
+    # continual protocol (metarun.continual_protocol) on a classification-trained run (baselines).
+    protocol: str = "auto"
+    # The continual protocol: K classes learned one after another (continual_shots images each, one pass,
+    # one example per step), then accuracy on each class's held-out images; continual_runs class orders per K
+    # from eval.seed; the learning rate picked per K from continual_lrs on continual_val_runs validation runs.
+    continual_classes: List[int] = field(default_factory=lambda: [10, 50, 75, 100, 150, 200])
+    continual_runs: int = 50
+    continual_val_runs: int = 10
+    continual_lrs: List[float] = field(default_factory=lambda: [3e-3, 1e-3, 3e-4, 1e-4, 3e-5])
+    continual_optimizer: str = "adam"   # adam (the OML/ANML evaluation code) | sgd
+    continual_head: str = "reset"       # reset: re-initialise the final layer (the authors' code) | meta: keep it
+    continual_shots: int = 15           # images learned per class; the rest of the class's images are held out
 
 
 @dataclass

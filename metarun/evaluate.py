@@ -14,9 +14,11 @@ from omegaconf import OmegaConf, open_dict
 
 from metarun.build import initial_state, load_family, make_algo
 from metarun.checkpoint import Checkpoints
+from metarun.continual_protocol import check_continual_config, resolve_protocol, run_continual
 from metarun.core import make_eval_batch
 from metarun.errors import UserError
 from metarun.families import TaskFamily
+from metarun.fast_slow import fast_slow_builder
 from metarun.metrics import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,9 @@ def write_results(run_dir: Path, cfg, evaluator: Evaluator, params, algo_state, 
         **({"plot_error": plot_error} if plot_error else {}),
         **extra,
     }
+    if resolve_protocol(cfg.eval, family) == "continual":  # OML/ANML's protocol (stream families, or asked for)
+        results["continual"] = run_continual(cfg, family, params, algo_state, run_dir)
+        results["plots"] = plots + results["continual"]["plots"]
     atomic_write_json(Path(run_dir) / "results.json", results)
     return results
 
@@ -122,6 +127,9 @@ def check_eval_config(cfg) -> None:
         raise UserError(f"eval.split={cfg.eval.split} is unknown; expected one of: train, val, test")
     if any(s < 0 for s in cfg.eval.report_steps):
         raise UserError(f"eval.report_steps={list(cfg.eval.report_steps)}: inner-step counts must be >= 0")
+    check_continual_config(cfg.eval)
+    if cfg.eval.get("protocol") == "continual" and getattr(cfg.mode, "value", cfg.mode) == "train":
+        fast_slow_builder(cfg.algo.name)  # an algorithm without a fast/slow split is refused before data loads
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -134,6 +142,8 @@ def run(cfg, run_dir: Path) -> dict:
     if not saved.exists() or not (ckpt_dir / "checkpoints").exists():
         raise UserError(f"ckpt={ckpt_dir}: expected a run directory with .hydra/config.yaml and checkpoints/")
     run_cfg = OmegaConf.load(saved)
+    if cfg.eval.get("protocol") == "continual":
+        fast_slow_builder(run_cfg.algo.name)  # the evaluated run's algorithm, refused before its data loads
     with open_dict(run_cfg):
         run_cfg.eval = cfg.eval
         for key in EPISODE_KEYS:

@@ -32,6 +32,7 @@ class TaskFamily:
     kind: str = ""
     metric: str = ""
     higher_is_better: bool = True
+    protocol: str = "episodes"   # what eval.protocol=auto runs at the end (stream families: "continual")
 
     def __init__(self, name: str, data: Dict[str, Any]):
         self.name = name
@@ -93,7 +94,16 @@ def build_family(dataset_cfg, task_cfg, seed: int = 0, augment=None, label_smoot
     from metarun.families.augmenting import augment_from_config
 
     entry = lookup("dataset", dataset_cfg.name, "dataset")
-    family_cls = lookup("family", entry.meta["family"]).build
+    family_name = entry.meta["family"]
+    chosen = task_cfg.get("family") if hasattr(task_cfg, "get") else None
+    if chosen and chosen != family_name:  # task.family: another family over the same arrays (e.g. stream)
+        reads = lookup("family", chosen, "task.family").meta.get("reads", ())
+        if family_name not in reads:
+            raise UserError(f"task.family={chosen} reads {', '.join(reads) or 'no'} datasets; "
+                            f"dataset={dataset_cfg.name} "
+                            f"feeds the {family_name} family")
+        family_name = chosen
+    family_cls = lookup("family", family_name).build
     techniques = {}
     if augment_from_config(augment) is not None:
         techniques["augment"] = augment
@@ -104,7 +114,7 @@ def build_family(dataset_cfg, task_cfg, seed: int = 0, augment=None, label_smoot
         if key not in accepted:
             section = "augment" if key == "augment" else "regularize.label_smoothing"
             raise UserError(f"{section} is for image classification; dataset={dataset_cfg.name} feeds the "
-                            f"{entry.meta['family']} family: leave it unset")
+                            f"{family_name} family: leave it unset")
     payload = entry.build(dataset_cfg, seed)
     return family_cls(dataset_cfg.name, payload, task_cfg, dataset_cfg, **techniques)
 
