@@ -167,7 +167,8 @@ def load_members(cfg) -> List[Member]:
         if data_key not in families:
             families[data_key] = load_family(run_cfg)
         family = families[data_key]
-        like = initial_state(run_cfg, family)[2]
+        # The restore target needs only shapes: no initialisation is computed.
+        like = jax.eval_shape(lambda: initial_state(run_cfg, family)[2])
         for params, algo_state, which, step, score in _restore(cfg, run_cfg, ckpt_dir, like):
             eval_cfg = run_cfg
             if swap:
