@@ -140,7 +140,7 @@ class RegularizeConfig:
     name: str = "none"
     weight_decay: float = 0.0       # decoupled (AdamW-style) decay of the meta-parameters' kernels, any meta_opt
     label_smoothing: float = 0.0    # classification: the optimised cross-entropy's smoothing (inner and outer)
-    dropout: float = 0.0            # off; > 0 is refused until algorithms pass dropout keys to their learners
+    dropout: float = 0.0            # refused > 0: dropout is learner.dropout (conv4), the one-line error says so
 
 
 @dataclass

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 STAGE_KEYS = {"args", "extra", "init_from", "evaluate"}
 RESULTS = "results.json"
+# Rows whose results agree on these were scored on the same test episodes (the evaluator's fixed-seed protocol).
+EPISODE_FACTS = ("dataset", "split", "class_split", "ways", "shots", "queries", "eval_seed", "episodes")
 # Overrides of the pipeline command that are not forwarded to its stages (they choose the pipeline itself,
 # or a stage's mode and source, which the pipeline sets).
 NOT_FORWARDED = ("pipeline", "hydra")
@@ -108,6 +110,7 @@ def summary_row(name: str, stage: dict, results: dict, status: str, wall: Option
     kind = "eval" if stage["evaluate"] else "train"
     source = stage["evaluate"] or stage["init_from"]
     return {"stage": name, "kind": kind, "from": source, "status": status, "algo": results.get("algo"),
+            "dataset": results.get("dataset"), "split": results.get("split"), "class_split": results.get("class_split"),
             "learner": results.get("learner"), "metric": results.get("metric"), "mean": results.get("mean"),
             "ci95": results.get("ci95"), "episodes": results.get("episodes"), "ways": results.get("ways"),
             "shots": results.get("shots"), "queries": results.get("queries"), "eval_seed": results.get("eval_seed"),
@@ -129,8 +132,11 @@ def summary_markdown(name: str, rows: List[dict]) -> str:
         lines.append(f"| {r['stage']} | {what} | {result} ({r['metric']}) | {r['episodes']} | {shape} | "
                      f"{r['train_wall_s'] if r['train_wall_s'] is not None else '-'} | "
                      f"{r['stage_wall_s'] if r['stage_wall_s'] is not None else '-'} |")
-    lines += ["", "Every row is scored on the same fixed-seed test episodes when the stages share the dataset, "
-                  "episode shape and eval.seed (see pipeline.json: ways, shots, queries, eval_seed)."]
+    same = len({tuple(r.get(k) for k in EPISODE_FACTS) for r in rows}) == 1
+    lines += ["", "All rows were scored on the same fixed-seed test episodes (same dataset, split, episode shape, "
+                  "eval.seed and count)." if same else
+              "The rows were NOT all scored on the same test episodes: compare dataset, ways, shots, queries, "
+              "eval_seed and episodes in pipeline.json."]
     return "\n".join(lines) + "\n"
 
 
@@ -164,7 +170,9 @@ def run(cfg, run_dir: Path, overrides: Optional[List[str]] = None, python: str =
             results = json.loads((stage_dir / RESULTS).read_text())
             rows.append(summary_row(name, stage, results, "ran" if status == "fresh" else status, wall))
             atomic_write_text(stage_dir / "pipeline_command.txt", "metarun " + " ".join(command) + "\n")
+    episodes = {tuple(r.get(k) for k in EPISODE_FACTS) for r in rows}
     summary = {"name": spec.get("name"), "run_dir": str(run_dir), "stages": rows,
+               "same_test_episodes": len(episodes) == 1,
                "commands": {n: stage_command(run_dir, n, s, base) for n, s in stages.items()}}
     atomic_write_json(run_dir / "pipeline.json", summary)
     atomic_write_text(run_dir / "summary.md", summary_markdown(str(spec.get("name")), rows))

@@ -103,6 +103,8 @@ def test_pretrain_run_then_finetune_and_init_from(tmp_path):
              "train.val_episodes=4", "eval.episodes=4", "eval.batch=4"]
     run(compose(SYNTH + small + ["algo=pretrain", "algo.eval_epochs=3", "augment=shift", "regularize=wd"]),
         tmp_path / "pre")
+    (tmp_path / "pre" / ".hydra").mkdir()  # a direct call has no Hydra snapshot: give it the run's own config
+    (tmp_path / "pre" / ".hydra" / "config.yaml").write_text((tmp_path / "pre" / "run_config.yaml").read_text())
     pre = json.loads((tmp_path / "pre" / "results.json").read_text())
     assert pre["algo_config"]["eval_head"] == "linear" and pre["best_val_step"] is not None
     # The pretrain run's own test is a linear head fine-tuned per episode: mode=eval algo=finetune with the same
