@@ -75,9 +75,12 @@ class Checkpoints:
 
     def best_steps(self):
         """[(step, validation score)] of the kept best checkpoints, best first (ties: the earlier step)."""
-        scored = [(int(step), float((self.best.metrics(step) or {}).get("score", float("-inf"))))
-                  for step in self.best.all_steps()]
-        return sorted(scored, key=lambda s: (-s[1], s[0]))
+        def score(step) -> float:
+            try:
+                return float((self.best.metrics(step) or {}).get("score", float("-inf")))
+            except Exception:  # a damaged metrics file: rank it last rather than fail (restore reports it)
+                return float("-inf")
+        return sorted(((int(step), score(step)) for step in self.best.all_steps()), key=lambda s: (-s[1], s[0]))
 
     def restore_best_step(self, step: int, like):
         """The best-manager checkpoint of `step`, shaped like `like` (errors propagate: the caller names the run)."""

@@ -92,7 +92,7 @@ Usage:
   metarun [GROUP=OPTION ...] [KEY=VALUE ...]      train (default mode=train)
   metarun mode=eval ckpt=RUN_DIR [eval.KEY=...]   re-evaluate a finished run
   metarun mode=eval ckpt=[RUN_A,RUN_B]            the ensemble of several runs (eval.ensemble_top_k=K: one run's K best)
-  metarun mode=eval ckpt=RUN_DIR algo=finetune    fine-tune a new head on each support set (finetune_cosine, finetune_all)
+  metarun mode=eval ckpt=RUN_DIR algo=finetune    a new head fitted on each support set (finetune_cosine, finetune_all)
   metarun pipeline=protonet_omniglot              pre-train -> meta-train -> fine-tune, one dir, resumable
   metarun resume=true hydra.run.dir=RUN_DIR       continue an interrupted run with its own config
   metarun -m KEY=A,B seed=0,1,2                   a sweep (multirun); then: metarun-report multirun/...

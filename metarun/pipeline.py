@@ -50,7 +50,8 @@ def _key(override: str) -> str:
 
 def stages_of(spec) -> Dict[str, dict]:
     """The stages in order, checked: known keys, sources that name an earlier stage."""
-    stages = OmegaConf.to_container(spec.stages, resolve=True) if OmegaConf.is_config(spec.stages) else dict(spec.stages)
+    stages = spec.stages
+    stages = OmegaConf.to_container(stages, resolve=True) if OmegaConf.is_config(stages) else dict(stages)
     if not stages:
         raise UserError("pipeline.stages is empty: a pipeline needs at least one stage")
     seen: List[str] = []
@@ -58,7 +59,8 @@ def stages_of(spec) -> Dict[str, dict]:
         stage = stage or {}
         unknown = sorted(set(stage) - STAGE_KEYS)
         if unknown:
-            raise UserError(f"pipeline.stages.{name}.{unknown[0]} is unknown; a stage has: {', '.join(sorted(STAGE_KEYS))}")
+            raise UserError(f"pipeline.stages.{name}.{unknown[0]} is unknown; a stage has: "
+                            f"{', '.join(sorted(STAGE_KEYS))}")
         for key in ("init_from", "evaluate"):
             if stage.get(key) is not None and stage[key] not in seen:
                 raise UserError(f"pipeline.stages.{name}.{key}={stage[key]} must name an earlier stage "

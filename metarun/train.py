@@ -49,7 +49,8 @@ def check_config(cfg) -> None:
         if cfg.eval.get(key) is not None:
             raise UserError(f"eval.{key} sets the test episodes of mode=eval; a training run takes task.test_{key}")
     if cfg.eval.get("ensemble_top_k") is not None:
-        raise UserError("eval.ensemble_top_k ensembles a finished run's best checkpoints: use it with mode=eval ckpt=RUN_DIR")
+        raise UserError("eval.ensemble_top_k ensembles a finished run's best checkpoints: "
+                        "use it with mode=eval ckpt=RUN_DIR")
     build_learner(cfg.learner, None)  # a bad learner section (filters=0, ...) fails here
     side, blocks = cfg.dataset.get("image_size"), cfg.learner.get("blocks")
     if side is not None and blocks is not None and side < 2 ** blocks:

@@ -122,7 +122,8 @@ class FinetuneCosineConfig(FinetuneConfig):
 class FinetuneAllConfig(FinetuneConfig):
     """Every weight fine-tuned from the run's body plus a new head (`head`: linear | cosine)."""
     name: str = "finetune_all"
-    batch_size: Optional[int] = None   # the whole support set: with transductive BatchNorm a minibatch's padding would enter the statistics
+    # The whole support set per step: with transductive BatchNorm a minibatch's padding would enter the statistics.
+    batch_size: Optional[int] = None
     head: str = "linear"
     scale: Optional[float] = None
     learnable_norm: bool = True

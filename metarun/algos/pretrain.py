@@ -26,7 +26,7 @@ from metarun.algos.heads import check_head, head_logits, init_head
 from metarun.algos.protonet import class_means, squared_distances
 from metarun.data.tasks import Examples
 from metarun.errors import UserError
-from metarun.learners import Net
+from metarun.learners import Net, dropout_rngs
 from metarun.registry import register
 
 EVAL_HEADS = ("linear", "cosine", "centroid")
@@ -51,7 +51,7 @@ def pretrain(net: Net, objective, classes: int, head: str = "linear", scale: Opt
     def batch_loss(params, algo_state, batch: Examples, key):
         """(loss, (metrics, updated running statistics)) of one minibatch."""
         features, stats = net.apply_updating(params["net"], batch.x, algo_state.get("batch_stats"),
-                                             rngs={"dropout": key})
+                                             rngs=dropout_rngs(key))
         loss, metrics = objective(head_logits(params["head"], features, scale), batch.y)
         return loss, (metrics, stats)
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from metarun.algos.base import Collaborators, MetaAlgorithm
 from metarun.errors import UserError
-from metarun.learners import Net
+from metarun.learners import Net, dropout_rngs
 from metarun.registry import register
 
 
@@ -55,12 +55,12 @@ def protonet(embedding: Net, objective, ways: int, info=None) -> MetaAlgorithm:
     def adapt(meta_params, algo_state, support, key):
         del algo_state
         # The key reaches the learner's dropout (learner.dropout; training passes only).
-        embedded = embedding.apply(meta_params["net"], support.x, rngs={"dropout": key})
+        embedded = embedding.apply(meta_params["net"], support.x, rngs=dropout_rngs(key))
         return {"prototypes": class_means(embedded, support.y, ways), "support_x": support.x}
 
     def loss(meta_params, algo_state, task_state, query, key):
         del algo_state
-        queries = embedding.apply_query(meta_params["net"], query.x, task_state["support_x"], rngs={"dropout": key})
+        queries = embedding.apply_query(meta_params["net"], query.x, task_state["support_x"], rngs=dropout_rngs(key))
         return objective(-squared_distances(queries, task_state["prototypes"]), query.y)
 
     return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})

@@ -15,6 +15,11 @@ def build_learner(cfg, out_dim: Optional[int], **overrides) -> nn.Module:
     return lookup("learner", cfg.name, "learner").build(cfg, out_dim, **overrides)
 
 
+def dropout_rngs(key) -> Optional[dict]:
+    """The rngs of a training pass with dropout (`learner.dropout`): {"dropout": key}; None without a key."""
+    return None if key is None else {"dropout": key}
+
+
 class Net(NamedTuple):
     """A learner module in a mode: every algorithm calls its network through this.
 

@@ -53,7 +53,7 @@ class ResNet12Learner(nn.Module):
     batch_norm: str = "transductive"
     bn_steps: int = 1
     conv_impl: str = "xla"
-    initializer: str = "default"  # learner.init (metarun.learners.initializers); the head's default is flax's LeCun normal
+    initializer: str = "default"  # learner.init (metarun.learners.initializers); the head's default: LeCun normal
 
     @nn.compact
     def __call__(self, x, train: bool = False, step=0):
@@ -90,6 +90,7 @@ def build(cfg, out_dim: Optional[int], **overrides) -> ResNet12Learner:
                         f"to its learner yet; use learner.drop_rate=0")
     widths = tuple(max(1, round(w * cfg.width_factor)) for w in cfg.widths)
     kwargs = dict(out_dim=out_dim, widths=widths, batch_norm=getattr(cfg.batch_norm, "value", cfg.batch_norm),
-                  bn_steps=cfg.bn_steps, conv_impl=resolve_conv_impl(cfg.conv_impl), initializer=check_init(cfg.get("init")))
+                  bn_steps=cfg.bn_steps, conv_impl=resolve_conv_impl(cfg.conv_impl),
+                  initializer=check_init(cfg.get("init")))
     return ResNet12Learner(**{**kwargs, **overrides})
 
