@@ -70,7 +70,7 @@ def test_minibatch_loss_and_gradient_against_a_direct_computation():
 
 
 def test_cosine_head_and_eval_builds():
-    cfg = compose(SYNTH + ["algo=pretrain", "algo.head=cosine"])
+    cfg = compose(SYNTH + ["algo=pretrain", "algo.head=cosine", "learner.dropout=0.2"])  # init passes dropout keys
     family = load_family(cfg)
     example = family.sampler("train")(family.data["train"], jax.random.PRNGKey(0))
     params = jax.jit(make_algo(cfg, family, "train").init)(jax.random.PRNGKey(0), example)[0]

@@ -44,7 +44,8 @@ def pretrain(net: Net, objective, classes: int, head: str = "linear", scale: Opt
     def init(key, task):
         body_key, head_key = jax.random.split(key)
         params, stats = net.init(body_key, task.query.x)
-        dim = jax.eval_shape(lambda x: net.apply(params, x, stats), task.query.x).shape[-1]
+        dim = jax.eval_shape(lambda x: net.apply(params, x, stats, rngs=dropout_rngs(head_key)),
+                             task.query.x).shape[-1]
         return ({"net": params, "head": init_head(head_key, dim, classes, head, learnable_norm)},
                 {"batch_stats": stats} if stats else {})
 
