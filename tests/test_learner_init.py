@@ -11,6 +11,7 @@ from conftest import compose, stand_in_family
 from metarun.build import make_algo
 from metarun.errors import UserError
 from metarun.learners import build_learner
+from metarun.learners.initializers import kernel_init
 
 
 def _kernels(overrides, side=8):
@@ -21,34 +22,43 @@ def _kernels(overrides, side=8):
 
 
 @pytest.mark.parametrize("scheme,variance", [
-    ("default", lambda fan_in, fan_out: 1 / fan_in),              # Conv-4: LeCun normal
     ("lecun", lambda fan_in, fan_out: 1 / fan_in),
     ("xavier", lambda fan_in, fan_out: 2 / (fan_in + fan_out)),
     ("kaiming", lambda fan_in, fan_out: 2 / fan_in),
 ])
-def test_conv4_init_variance(scheme, variance):
-    params = _kernels(["learner=conv4", "learner.blocks=2", f"learner.init={scheme}"])
-    kernel = np.asarray(params["conv1"]["kernel"])  # 3x3x64x64: fan_in = fan_out = 576, 36864 draws
-    fan_in, fan_out = 9 * 64, 9 * 64
+def test_init_variance(scheme, variance):
+    kernel = np.asarray(kernel_init(scheme, None)(jax.random.PRNGKey(0), (3, 3, 64, 32)))  # 18432 draws
+    fan_in, fan_out = 9 * 64, 9 * 32  # a conv kernel's fans count its receptive field
     np.testing.assert_allclose(kernel.var(), variance(fan_in, fan_out), rtol=0.05)
     assert abs(kernel.mean()) < 4 * np.sqrt(variance(fan_in, fan_out) / kernel.size)
-    head = np.asarray(params["head"]["kernel"])  # the head follows the scheme too (fan_in 64*2*2, fan_out 5)
-    np.testing.assert_allclose(head.var(), variance(256, 5), rtol=0.3)  # 1280 draws
+
+
+def test_conv4_kernels_follow_learner_init():
+    params = _kernels(["learner=conv4", "learner.blocks=2", "learner.init=kaiming"])
+    kernel = np.asarray(params["conv1"]["kernel"])  # 3x3x64x64: fan_in 576, 36864 draws
+    np.testing.assert_allclose(kernel.var(), 2 / 576, rtol=0.05)
+    head = np.asarray(params["head"]["kernel"])  # the head follows the scheme too (fan_in 64*2*2)
+    np.testing.assert_allclose(head.var(), 2 / 256, rtol=0.3)  # 1280 draws
     np.testing.assert_array_equal(params["conv1"]["bias"], 0)  # biases keep zeros
+    assert kernel_init("default", "the learner's own") == "the learner's own"
 
 
-def test_orthogonal_and_resnet12_default():
+def test_orthogonal():
     kernel = np.asarray(_kernels(["learner=conv4", "learner.blocks=2", "learner.init=orthogonal"])["conv1"]["kernel"])
     w = kernel.reshape(-1, 64)  # [fan_in 576, out 64]: orthonormal columns
     np.testing.assert_allclose(w.T @ w, np.eye(64), atol=1e-4)
+    with pytest.raises(UserError, match="learner.init=he is unknown; expected one of: default, lecun, xavier"):
+        _kernels(["learner=conv4", "learner.init=he"])
+
+
+@pytest.mark.slow  # compiles two ResNet-12 initialisations (> 5 s on a shared 2-core machine)
+def test_resnet12_default_and_xavier():
     # ResNet-12 keeps its reference init by default: Kaiming normal with fan_out (variance 2 / (9 * out)).
     params = _kernels(["learner=resnet12", "learner.widths=[16,64]"], side=8)
     conv = np.asarray(params["block1"]["conv1"]["kernel"])  # 3x3x64x64
     np.testing.assert_allclose(conv.var(), 2 / (9 * 64), rtol=0.05)
     params = _kernels(["learner=resnet12", "learner.widths=[16,64]", "learner.init=xavier"], side=8)
     np.testing.assert_allclose(np.asarray(params["block1"]["conv1"]["kernel"]).var(), 2 / (9 * 64 + 9 * 64), rtol=0.05)
-    with pytest.raises(UserError, match="learner.init=he is unknown; expected one of: default, lecun, xavier"):
-        _kernels(["learner=conv4", "learner.init=he"])
 
 
 def test_conv4_dropout_off_at_eval_and_a_mask_in_training():

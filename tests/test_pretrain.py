@@ -19,7 +19,8 @@ from metarun.data.tasks import sample_batch
 from metarun.errors import UserError
 from metarun.learners import Net, build_learner
 
-SYNTH = ["dataset=synthetic", "debug=smoke", "dataset.image_size=16", "dataset.classes=[8,6,6]", "train.progress=false"]
+SYNTH = ["dataset=synthetic", "debug=smoke", "dataset.image_size=8", "dataset.classes=[8,6,6]", "learner.blocks=2",
+         "train.progress=false"]
 
 
 def test_training_split_yields_labelled_images_of_every_class():
@@ -28,18 +29,18 @@ def test_training_split_yields_labelled_images_of_every_class():
     sampler = family.sampler("train")
     key = jax.random.PRNGKey(0)
     task = sampler(family.data["train"], key)
-    assert task.support.x.shape[0] == 0 and task.query.x.shape == (1, 16, 16, 1)
+    assert task.support.x.shape[0] == 0 and task.query.x.shape == (1, 8, 8, 1)
     # Exactly images[label, example] / 255 of the class index in the split, drawn from the key's two halves.
     class_key, example_key = jax.random.split(key)
     label = int(jax.random.randint(class_key, (1,), 0, 8)[0])
     example = int(jax.random.randint(example_key, (1,), 0, images.shape[1])[0])
     assert int(task.query.y[0]) == label
     np.testing.assert_array_equal(task.query.x[0], images[label, example].astype(np.float32) / 255.0)
-    # A minibatch of 4000 covers the 8 classes about uniformly (each 1/8: within 5 binomial s.d.).
-    draw = jax.jit(lambda data, k: sample_batch(sampler, data, k, 4000).query.y)
+    # A minibatch of 2000 covers the 8 classes about uniformly (each 1/8: within 5 binomial s.d.).
+    draw = jax.jit(lambda data, k: sample_batch(sampler, data, k, 2000).query.y)
     labels = np.asarray(draw(family.data["train"], key)).reshape(-1)
     counts = np.bincount(labels, minlength=8)
-    assert np.all(np.abs(counts - 500) < 5 * np.sqrt(4000 * 1 / 8 * 7 / 8))
+    assert np.all(np.abs(counts - 250) < 5 * np.sqrt(2000 * 1 / 8 * 7 / 8))
     # Validation and test stay episodes; other algorithms keep episodes for training too.
     assert family.sampler("val")(family.data["val"], key).support.x.shape[0] == 5
     assert load_family(compose(SYNTH + ["algo=protonet"])).train_tasks == "episodes"
