@@ -8,10 +8,12 @@ from typing import Optional
 
 from metarun.algos import Collaborators, MetaAlgorithm, build_algo
 from metarun.core import TrainState, init_state
+from metarun.errors import UserError
 from metarun.families import TaskFamily, build_family
 from metarun.init_from import apply_init_from, check_source, init_dir
 from metarun.learners import build_learner
 from metarun.optim import make_optimizer
+from metarun.registry import entries, lookup
 from metarun.regularize import check_regularize
 
 
@@ -20,8 +22,12 @@ def load_family(cfg) -> TaskFamily:
     label smoothing (`.get`: configs saved before those sections existed have neither)."""
     regularize = cfg.get("regularize")
     check_regularize(regularize)
+    check_dropout_keys(cfg, "train")  # before the data is read
+    # An algorithm registered with train_tasks="batches" (pretrain) trains on labelled minibatches, not episodes.
+    train_tasks = lookup("algo", cfg.algo.name, "algo").meta.get("train_tasks", "episodes")
     family = build_family(cfg.dataset, cfg.task, cfg.seed, augment=cfg.get("augment"),
-                          label_smoothing=regularize.get("label_smoothing", 0.0) if regularize is not None else 0.0)
+                          label_smoothing=regularize.get("label_smoothing", 0.0) if regularize is not None else 0.0,
+                          train_tasks=train_tasks, algo=cfg.algo.name)
     family.check_learner(cfg.learner)
     return family
 
@@ -32,11 +38,22 @@ def make_algo(cfg, family: TaskFamily, phase: str, inner_steps: Optional[int] = 
                                   learner_cfg=cfg.learner, phase=phase,
                                   transductive=bool(cfg.eval.get("transductive", True)) if phase == "eval" else True,
                                   inner_steps=inner_steps)
+    check_dropout_keys(cfg, phase)
     algo = build_algo(cfg.algo, collaborators)
     source = init_dir(cfg)
     if source:  # results.json's algo_config records where the learner started from
         algo = algo._replace(info={**algo.info, "init_from": str(source)})
     return algo
+
+
+def check_dropout_keys(cfg, phase: str) -> None:
+    """learner.dropout > 0 needs an algorithm that passes dropout keys to its learner in training
+    (registered with dropout_keys=True); evaluation runs learners without dropout."""
+    if phase == "train" and cfg.learner.get("dropout"):
+        if not lookup("algo", cfg.algo.name, "algo").meta.get("dropout_keys"):
+            able = sorted(n for n, e in entries("algo").items() if e.meta.get("dropout_keys"))
+            raise UserError(f"learner.dropout={cfg.learner.dropout}: algo={cfg.algo.name} does not pass dropout keys "
+                            f"to its learner; use learner.dropout=0 or one of: {', '.join(able)}")
 
 
 def initial_state(cfg, family: TaskFamily, init_from: bool = False):

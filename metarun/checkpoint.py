@@ -24,15 +24,16 @@ def _manager(directory: Path, **options) -> ocp.CheckpointManager:
 
 
 class Checkpoints:
-    """`checkpoints/last/<step>` (keep the newest `keep`) and `checkpoints/best/<step>` (keep one).
+    """`checkpoints/last/<step>` (keep the newest `keep`) and `checkpoints/best/<step>` (keep the `keep_best`
+    best by validation score: train.keep_best; more than one feeds eval.ensemble_top_k).
 
     `last` holds whole train states; `best` holds {"params", "algo_state"}: what evaluation needs.
     """
 
-    def __init__(self, directory: Path, keep: int):
+    def __init__(self, directory: Path, keep: int, keep_best: int = 1):
         self.directory = Path(directory)
         self.last = _manager(self.directory / "last", max_to_keep=keep)
-        self.best = _manager(self.directory / "best", max_to_keep=1, best_fn=lambda m: m["score"],
+        self.best = _manager(self.directory / "best", max_to_keep=keep_best, best_fn=lambda m: m["score"],
                              best_mode="max")
 
     def save(self, state, step: int) -> None:
@@ -71,6 +72,19 @@ class Checkpoints:
             log.warning("best checkpoint %s cannot be restored (%s); using the last state instead",
                         self.directory / "best" / str(step), reason)
             return None
+
+    def best_steps(self):
+        """[(step, validation score)] of the kept best checkpoints, best first (ties: the earlier step)."""
+        def score(step) -> float:
+            try:
+                return float((self.best.metrics(step) or {}).get("score", float("-inf")))
+            except Exception:  # a damaged metrics file: rank it last rather than fail (restore reports it)
+                return float("-inf")
+        return sorted(((int(step), score(step)) for step in self.best.all_steps()), key=lambda s: (-s[1], s[0]))
+
+    def restore_best_step(self, step: int, like):
+        """The best-manager checkpoint of `step`, shaped like `like` (errors propagate: the caller names the run)."""
+        return self.best.restore(step, args=ocp.args.StandardRestore(_abstract(like)))
 
     def drop_after(self, step: int) -> None:
         """On resume, forget checkpoints newer than the restored state (damaged or ahead); they will be redone."""

@@ -23,6 +23,9 @@ log = logging.getLogger("metarun")
 def run(cfg: DictConfig, run_dir: Path, overrides=None):
     """Dispatch on cfg.mode; tests call this directly with a composed config. Returns the score
     (higher is better: a sweep maximises it whatever the metric)."""
+    if cfg.get("pipeline"):  # pipeline=NAME: stages as child runs in subdirectories (metarun.pipeline)
+        from metarun import pipeline
+        return pipeline.run(cfg, run_dir, overrides)
     if cfg.mode == Mode.eval or cfg.mode == "eval":
         from metarun import evaluate
         return evaluate.run(cfg, run_dir)["score"]
@@ -88,6 +91,9 @@ USAGE = """metarun: meta-learning experiments from Hydra configs (JAX).
 Usage:
   metarun [GROUP=OPTION ...] [KEY=VALUE ...]      train (default mode=train)
   metarun mode=eval ckpt=RUN_DIR [eval.KEY=...]   re-evaluate a finished run
+  metarun mode=eval ckpt=[RUN_A,RUN_B]            the ensemble of several runs (eval.ensemble_top_k=K: one run's K best)
+  metarun mode=eval ckpt=RUN_DIR algo=finetune    a new head fitted on each support set (finetune_cosine, finetune_all)
+  metarun pipeline=protonet_omniglot              pre-train -> meta-train -> fine-tune, one dir, resumable
   metarun resume=true hydra.run.dir=RUN_DIR       continue an interrupted run with its own config
   metarun -m KEY=A,B seed=0,1,2                   a sweep (multirun); then: metarun-report multirun/...
   metarun --cfg job [overrides]                   print the composed config and exit

@@ -83,6 +83,7 @@ class TrainConfig:
     val_episodes: int = 200
     ckpt_every: int = 1000
     keep_ckpts: int = 3
+    keep_best: int = 1         # best-on-validation checkpoints kept (eval.ensemble_top_k ensembles up to this many)
     progress: bool = True
     tensorboard: bool = False
     on_nonfinite: OnNonfinite = OnNonfinite.stop
@@ -119,6 +120,8 @@ class EvalConfig:
     continual_optimizer: str = "adam"   # adam (the OML/ANML evaluation code) | sgd
     continual_head: str = "reset"       # reset: re-initialise the final layer (the authors' code) | meta: keep it
     continual_shots: int = 15           # images learned per class; the rest of the class's images are held out
+    # mode=eval only: an ensemble of the run's K best validation checkpoints (train.keep_best >= K), MAML++'s protocol.
+    ensemble_top_k: Optional[int] = None
 
 
 @dataclass
@@ -137,7 +140,7 @@ class RegularizeConfig:
     name: str = "none"
     weight_decay: float = 0.0       # decoupled (AdamW-style) decay of the meta-parameters' kernels, any meta_opt
     label_smoothing: float = 0.0    # classification: the optimised cross-entropy's smoothing (inner and outer)
-    dropout: float = 0.0            # off; > 0 is refused until algorithms pass dropout keys to their learners
+    dropout: float = 0.0            # refused > 0: dropout is learner.dropout (conv4), the one-line error says so
 
 
 @dataclass
@@ -167,10 +170,11 @@ class Config:
     init: Dict[str, Optional[str]] = field(default_factory=lambda: {"from": None})
     seed: int = 0
     mode: Mode = Mode.train
-    ckpt: Optional[str] = None
+    ckpt: Any = None           # mode=eval: RUN_DIR, or [RUN_A, RUN_B, ...] for an ensemble (metarun.members)
     resume: bool = False
     experiment: Any = None
     debug: Any = None
+    pipeline: Any = None       # pipeline=NAME: chained stages (metarun.pipeline; conf/pipeline/)
 
 
 GROUPS = {"dataset": "dataset", "learner": "learner", "algo": "algo"}  # config group -> registry kind

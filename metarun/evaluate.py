@@ -5,15 +5,13 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from omegaconf import OmegaConf, open_dict
 
-from metarun.build import initial_state, load_family, make_algo
-from metarun.checkpoint import Checkpoints
+from metarun.build import make_algo
 from metarun.continual_protocol import check_continual_config, resolve_protocol, run_continual
 from metarun.core import make_eval_batch
 from metarun.errors import UserError
@@ -35,7 +33,9 @@ class Evaluator:
     """
 
     def __init__(self, cfg, family: TaskFamily, split: str, episodes: int, seed: int, batch: int,
-                 report_steps: List[int] = ()):
+                 report_steps: List[int] = (), algo_for: Optional[Callable] = None):
+        """algo_for: `(inner_steps or None) -> MetaAlgorithm` to score (default: cfg's algorithm, eval build);
+        an ensemble passes its own (metarun.ensemble)."""
         self.family, self.split, self.episodes, self.seed = family, split, episodes, seed
         self.metric = family.metric
         self.data = family.data[split]
@@ -44,9 +44,10 @@ class Evaluator:
         main_steps = cfg.algo.get("eval_inner_steps")
         counts = [main_steps] + [s for s in report_steps if main_steps is not None and s != main_steps]
         self.inner_steps = main_steps
-        self.algo_info = make_algo(cfg, family, "eval").info
+        algo_for = algo_for or (lambda steps: make_algo(cfg, family, "eval", steps))
+        self.algo_info = algo_for(None).info
         self._batches = {
-            steps: make_eval_batch(make_algo(cfg, family, "eval", None if steps == main_steps else steps), sampler,
+            steps: make_eval_batch(algo_for(None if steps == main_steps else steps), sampler,
                                    cfg.train.task_batching, cfg.train.task_chunk)
             for steps in counts}
 
@@ -133,43 +134,23 @@ def check_eval_config(cfg) -> None:
 
 
 def run(cfg, run_dir: Path) -> dict:
-    """mode=eval: evaluate the run in `cfg.ckpt` with its own config and this run's eval settings."""
-    if not cfg.ckpt:
-        raise UserError("mode=eval needs ckpt=RUN_DIR (a run directory holding .hydra/ and checkpoints/)")
+    """mode=eval: evaluate the run in `cfg.ckpt` with its own config and this run's eval settings — or, with
+    `ckpt=[A,B,...]` or `eval.ensemble_top_k=K`, the ensemble of those members (metarun.ensemble); with
+    `algo=finetune|finetune_cosine|finetune_all`, that evaluation-time algorithm on each run's body."""
+    from metarun.members import load_members
+
     check_eval_config(cfg)
-    ckpt_dir = Path(cfg.ckpt)
-    saved = ckpt_dir / ".hydra" / "config.yaml"
-    if not saved.exists() or not (ckpt_dir / "checkpoints").exists():
-        raise UserError(f"ckpt={ckpt_dir}: expected a run directory with .hydra/config.yaml and checkpoints/")
-    run_cfg = OmegaConf.load(saved)
-    if cfg.eval.get("protocol") == "continual":
-        fast_slow_builder(run_cfg.algo.name)  # the evaluated run's algorithm, refused before its data loads
-    with open_dict(run_cfg):
-        run_cfg.eval = cfg.eval
-        for key in EPISODE_KEYS:
-            if cfg.eval[key] is not None:
-                if cfg.eval[key] < 1:
-                    raise UserError(f"eval.{key}={cfg.eval[key]} must be >= 1")
-                run_cfg.task[f"test_{key}"] = cfg.eval[key]
-        if cfg.dataset.get("local_dir"):
-            run_cfg.dataset.local_dir = cfg.dataset.local_dir
-    family = load_family(run_cfg)
-    like = initial_state(run_cfg, family)[2]
-    ckpts = Checkpoints(ckpt_dir / "checkpoints", keep=run_cfg.train.keep_ckpts)
-    try:
-        restored, which = None, None
-        if cfg.eval.use_best:
-            restored, which = ckpts.restore_best({"params": like.params, "algo_state": like.algo_state}), "best"
-        if restored is None:
-            state = ckpts.restore_latest(like)
-            if state is None:
-                raise UserError(f"ckpt={ckpt_dir}: no checkpoint found under {ckpt_dir / 'checkpoints'}")
-            restored, which = {"params": state.params, "algo_state": state.algo_state}, "last"
-        evaluator = Evaluator(run_cfg, family, cfg.eval.split, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch,
+    members = load_members(cfg)
+    if len(members) > 1:
+        from metarun.ensemble import write_ensemble_results
+        results = write_ensemble_results(run_dir, cfg, members)
+    else:
+        m = members[0]
+        evaluator = Evaluator(m.cfg, m.family, cfg.eval.split, cfg.eval.episodes, cfg.eval.seed, cfg.eval.batch,
                               list(cfg.eval.report_steps))
-        results = write_results(run_dir, run_cfg, evaluator, restored["params"], restored["algo_state"],
-                                {"checkpoint": which, "evaluated_run": str(ckpt_dir)})
-    finally:
-        ckpts.close()
+        extra = {"checkpoint": m.checkpoint, "evaluated_run": m.run}
+        if m.cfg.algo.name != m.run_algo:
+            extra["evaluated_run_algo"] = m.run_algo
+        results = write_results(run_dir, m.cfg, evaluator, m.params, m.algo_state, extra)
     log.info(format_result(results))
     return results

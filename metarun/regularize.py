@@ -1,8 +1,8 @@
 """The `regularize=` techniques every algorithm accepts: decoupled weight decay and label smoothing.
 
 Weight decay is chained into the outer optimiser (metarun.optim.make_optimizer); label smoothing
-enters the classification family's objective. Dropout is a key that stays off: the learners' dropout
-needs per-step keys that no algorithm passes yet, so a rate > 0 is refused rather than ignored.
+enters the classification family's objective. Dropout is the learner's (`learner.dropout`, Conv-4, with the
+algorithms that pass dropout keys): this section's key stays off, and a rate > 0 is refused with a pointer there.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def check_regularize(cfg) -> None:
     if not 0 <= smoothing < 1:
         raise UserError(f"regularize.label_smoothing={smoothing} must be in [0, 1)")
     if dropout != 0:
-        raise UserError(f"regularize.dropout={dropout}: dropout needs per-step keys that no algorithm passes to "
-                        f"its learner yet; use regularize.dropout=0")
+        raise UserError(f"regularize.dropout={dropout}: dropout is a learner setting: use learner.dropout={dropout} "
+                        f"(conv4; with algorithms that pass dropout keys: pretrain, protonet) and regularize.dropout=0")
 
 
 def decay_mask(params):

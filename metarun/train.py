@@ -42,10 +42,15 @@ def check_config(cfg) -> None:
     for key in ("val_every", "val_episodes"):
         if t[key] < 0:
             raise UserError(f"train.{key}={t[key]} must be >= 0")
+    if t.get("keep_best", 1) < 1:
+        raise UserError(f"train.keep_best={t.keep_best} must be >= 1")
     check_eval_config(cfg)
     for key in EPISODE_KEYS:
         if cfg.eval.get(key) is not None:
             raise UserError(f"eval.{key} sets the test episodes of mode=eval; a training run takes task.test_{key}")
+    if cfg.eval.get("ensemble_top_k") is not None:
+        raise UserError("eval.ensemble_top_k ensembles a finished run's best checkpoints: "
+                        "use it with mode=eval ckpt=RUN_DIR")
     build_learner(cfg.learner, None)  # a bad learner section (filters=0, ...) fails here
     side, blocks = cfg.dataset.get("image_size"), cfg.learner.get("blocks")
     if side is not None and blocks is not None and side < 2 ** blocks:
@@ -113,7 +118,7 @@ def _train(cfg, run_dir: Path, overrides: Optional[List[str]]) -> Optional[float
     if cfg.train.val_every > 0 and cfg.train.val_episodes > 0:
         validator = Evaluator(cfg, family, "val", cfg.train.val_episodes, cfg.eval.seed + 1, cfg.eval.batch)
 
-    ckpts = Checkpoints(ckpts_dir, cfg.train.keep_ckpts)
+    ckpts = Checkpoints(ckpts_dir, cfg.train.keep_ckpts, cfg.train.get("keep_best", 1))
     primary = distributed.is_primary()
     metrics_log = MetricsLog(run_dir / "metrics.jsonl") if primary else None
     wall_offset = 0.0

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from metarun.algos.base import Collaborators, MetaAlgorithm
 from metarun.errors import UserError
-from metarun.learners import Net
+from metarun.learners import Net, dropout_rngs
 from metarun.registry import register
 
 
@@ -53,13 +53,14 @@ def protonet(embedding: Net, objective, ways: int, info=None) -> MetaAlgorithm:
         return {"net": params}, {}
 
     def adapt(meta_params, algo_state, support, key):
-        del key, algo_state
-        return {"prototypes": class_means(embedding.apply(meta_params["net"], support.x), support.y, ways),
-                "support_x": support.x}
+        del algo_state
+        # The key reaches the learner's dropout (learner.dropout; training passes only).
+        embedded = embedding.apply(meta_params["net"], support.x, rngs=dropout_rngs(key))
+        return {"prototypes": class_means(embedded, support.y, ways), "support_x": support.x}
 
     def loss(meta_params, algo_state, task_state, query, key):
-        del key, algo_state
-        queries = embedding.apply_query(meta_params["net"], query.x, task_state["support_x"])
+        del algo_state
+        queries = embedding.apply_query(meta_params["net"], query.x, task_state["support_x"], rngs=dropout_rngs(key))
         return objective(-squared_distances(queries, task_state["prototypes"]), query.y)
 
     return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})
@@ -71,7 +72,7 @@ class ProtoNetConfig:
     name: str = "protonet"
 
 
-@register("algo", "protonet", schema=ProtoNetConfig)
+@register("algo", "protonet", schema=ProtoNetConfig, dropout_keys=True)
 def build(a, c: Collaborators) -> MetaAlgorithm:
     check_metric_learner("protonet", c)
     net = Net(c.learner(None), c.train, c.transductive)

@@ -52,3 +52,23 @@ def make_image_sampler(ways: int, shots: int, queries: int) -> Sampler:
 def sample_batch(sampler: Sampler, data, key: jax.Array, batch: int) -> Task:
     """`batch` independent tasks stacked on a leading axis."""
     return jax.vmap(sampler, in_axes=(None, 0))(data, jax.random.split(key, batch))
+
+
+def make_labelled_image_sampler() -> Sampler:
+    """One labelled image drawn uniformly from `images[class, example, H, W, C]` (uint8), for whole-class
+    supervised training (algo=pretrain): the label is the class's index in the split, not an episode label.
+
+    Returns Task(support=an empty Examples, query=Examples(x [1, H, W, C], y [1])); `sample_batch` stacks
+    `train.meta_batch` of them into one minibatch (drawn with replacement: uniform over every image of the
+    split, classes having the same number of examples). Pure: same key, same image.
+    """
+
+    def sample(images: jax.Array, key: jax.Array) -> Task:
+        n_classes, n_examples = images.shape[:2]
+        class_key, example_key = jax.random.split(key)
+        label = jax.random.randint(class_key, (1,), 0, n_classes)
+        example = jax.random.randint(example_key, (1,), 0, n_examples)
+        x = images[label, example].astype(jnp.float32) / 255.0  # [1, H, W, C]
+        return Task(Examples(x[:0], label[:0]), Examples(x, label.astype(jnp.int32)))
+
+    return sample

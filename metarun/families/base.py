@@ -83,11 +83,14 @@ class TaskFamily:
         """Refuse a learner that cannot read this family's inputs (one line)."""
 
 
-def build_family(dataset_cfg, task_cfg, seed: int = 0, augment=None, label_smoothing: float = 0.0) -> TaskFamily:
+def build_family(dataset_cfg, task_cfg, seed: int = 0, augment=None, label_smoothing: float = 0.0,
+                 train_tasks: str = "episodes", algo: str = "") -> TaskFamily:
     """Load (or generate) the dataset named by `dataset.name` and wrap it in its task family.
 
-    augment: the `augment` section (training tasks only); label_smoothing: regularize.label_smoothing.
-    Passed to the family only when set, so families that do not take them are refused in one line.
+    augment: the `augment` section (training tasks only); label_smoothing: regularize.label_smoothing;
+    train_tasks: "batches" when the algorithm (`algo`, for the message) trains on labelled minibatches of
+    every training class instead of episodes (algo=pretrain). Passed to the family only when set, so
+    families that do not take them are refused in one line.
     """
     import inspect
 
@@ -110,7 +113,12 @@ def build_family(dataset_cfg, task_cfg, seed: int = 0, augment=None, label_smoot
     if label_smoothing:
         techniques["label_smoothing"] = label_smoothing
     accepted = inspect.signature(family_cls).parameters
-    for key in techniques:
+    if train_tasks != "episodes":
+        if "train_tasks" not in accepted:
+            raise UserError(f"algo={algo} trains on labelled batches of an image classification dataset; "
+                            f"dataset={dataset_cfg.name} feeds the {entry.meta['family']} family")
+        techniques["train_tasks"] = train_tasks
+    for key in [k for k in techniques if k != "train_tasks"]:
         if key not in accepted:
             section = "augment" if key == "augment" else "regularize.label_smoothing"
             raise UserError(f"{section} is for image classification; dataset={dataset_cfg.name} feeds the "

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metarun.data.tasks import make_image_sampler
+from metarun.data.tasks import make_image_sampler, make_labelled_image_sampler
 from metarun.errors import UserError
 from metarun.families.augmenting import augment_from_config, augmented
 from metarun.families.base import SPLITS, TaskFamily, check_positive
@@ -91,7 +91,7 @@ class ClassificationFamily(TaskFamily):
     higher_is_better = True
 
     def __init__(self, name: str, arrays: Dict[str, np.ndarray], task_cfg, dataset_cfg, augment=None,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, train_tasks: str = "episodes"):
         check_positive("task", task_cfg, ("ways", "shots", "queries", "test_ways", "test_shots", "test_queries"))
         super().__init__(name, {s: jax.device_put(np.ascontiguousarray(a)) for s, a in arrays.items()})
         self.num_classes = {s: int(a.shape[0]) for s, a in arrays.items()}
@@ -102,6 +102,11 @@ class ClassificationFamily(TaskFamily):
         # Issue 15 techniques: augmentation of training tasks; smoothing of the optimised cross-entropy.
         self.augment = augment_from_config(augment)
         self.label_smoothing = float(label_smoothing)
+        # What the training split yields: N-way K-shot episodes, or (algo=pretrain) single labelled images
+        # that the trainer stacks into minibatches over all training classes.
+        if train_tasks not in ("episodes", "batches"):
+            raise ValueError(f"train_tasks={train_tasks!r}: expected episodes or batches")
+        self.train_tasks = train_tasks
 
     def objective(self, logits, labels, mask=None):
         loss, metrics = classification_objective(logits, labels, mask)
@@ -126,6 +131,9 @@ class ClassificationFamily(TaskFamily):
     def sampler(self, split: str):
         if split not in SPLITS:
             raise UserError(f"split {split!r} is unknown; expected one of: {', '.join(SPLITS)}")
+        if split == "train" and self.train_tasks == "batches":
+            sample = make_labelled_image_sampler()
+            return augmented(sample, self.augment) if self.augment is not None else sample
         shape = self.shapes[split]
         n = self.num_classes[split]
         if n == 0:  # e.g. Omniglot's lake30: all background alphabets train, none is held out

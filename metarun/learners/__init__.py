@@ -15,6 +15,11 @@ def build_learner(cfg, out_dim: Optional[int], **overrides) -> nn.Module:
     return lookup("learner", cfg.name, "learner").build(cfg, out_dim, **overrides)
 
 
+def dropout_rngs(key) -> Optional[dict]:
+    """The rngs of a training pass with dropout (`learner.dropout`): {"dropout": key}; None without a key."""
+    return None if key is None else {"dropout": key}
+
+
 class Net(NamedTuple):
     """A learner module in a mode: every algorithm calls its network through this.
 
@@ -44,9 +49,10 @@ class Net(NamedTuple):
                                          rngs=rngs, mutable=["batch_stats"])
         return out, mutated["batch_stats"]
 
-    def apply_query(self, params, x, support_x, stats=None, step=0):
-        """Outputs for the query set: one batch (transductive), or each example with the support set."""
+    def apply_query(self, params, x, support_x, stats=None, step=0, rngs=None):
+        """Outputs for the query set: one batch (transductive), or each example with the support set.
+        `rngs` (e.g. {"dropout": key}) reach training passes; evaluation passes have no randomness."""
         if self.train or self.transductive:
-            return self.apply(params, x, stats, step)
+            return self.apply(params, x, stats, step, rngs)
         one = lambda q: self.apply(params, jnp.concatenate([support_x, q[None]]), stats, step)[-1]  # noqa: E731
         return jax.vmap(one)(x)

@@ -1,14 +1,16 @@
-"""Conv-4 (Vinyals et al. 2016): 4 x [3x3 conv, BatchNorm, ReLU, 2x2 max-pool] + optional linear head."""
+"""Conv-4 (Vinyals et al. 2016): 4 x [3x3 conv, BatchNorm, ReLU, 2x2 max-pool] + optional linear head;
+optional dropout after each block (`learner.dropout`) and the kernel initialisation (`learner.init`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from metarun.learners.batchnorm import BatchNorm, BatchNormMode
+from metarun.learners.initializers import check_init, kernel_init
 from metarun.registry import register
 
 
@@ -50,10 +52,11 @@ def resolve_conv_impl(conv_impl) -> str:
 class Conv3x3(nn.Module):
     features: int
     impl: str = "xla"
+    kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         conv = conv3x3_im2col if self.impl == "im2col" else conv3x3_xla
         return conv(x, kernel) + bias
@@ -67,17 +70,22 @@ class Conv4(nn.Module):
     batch_norm: str = "transductive"
     bn_steps: int = 1          # copies of running statistics (batch_norm=running; MAML++ keeps one per inner step)
     conv_impl: str = "xla"
+    dropout: float = 0.0       # after each block, training passes only (needs the "dropout" rng: Net.apply's rngs)
+    initializer: str = "default"  # learner.init (metarun.learners.initializers); not `init`: Module.init is a method
 
     @nn.compact
     def __call__(self, x, train: bool = False, step=0):
+        init = kernel_init(self.initializer, nn.initializers.lecun_normal())
         for i in range(self.blocks):
-            x = Conv3x3(self.filters, self.conv_impl, name=f"conv{i}")(x)
+            x = Conv3x3(self.filters, self.conv_impl, init, name=f"conv{i}")(x)
             if self.batch_norm != "none":
                 x = BatchNorm(self.batch_norm, self.bn_steps, name=f"norm{i}")(x, train, step)
             x = max_pool_2x2(nn.relu(x))
+            if self.dropout:
+                x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = x.reshape(x.shape[0], -1)
         if self.out_dim is not None:
-            x = nn.Dense(self.out_dim, name="head")(x)
+            x = nn.Dense(self.out_dim, kernel_init=init, name="head")(x)
         return x
 
 
@@ -95,6 +103,8 @@ class Conv4Config:
     bn_steps: int = 1
     conv_impl: str = "auto"
     width_factor: float = 1.0    # multiplies every layer's width (debug=smoke sets it for any learner)
+    dropout: float = 0.0         # dropout rate after each block in training (algorithms that pass dropout keys)
+    init: str = "default"        # default (LeCun normal) | lecun | xavier | kaiming | orthogonal
 
 
 @register("learner", "conv4", schema=Conv4Config)
@@ -106,9 +116,13 @@ def build(cfg, out_dim: Optional[int], **overrides) -> Conv4:
                         f"learner.width_factor={cfg.width_factor} > 0")
     if cfg.conv_impl not in ConvImpl.choices:
         raise UserError(f"learner.conv_impl={cfg.conv_impl} is unknown; expected one of: {', '.join(ConvImpl.choices)}")
+    dropout = cfg.get("dropout", 0.0)  # .get: configs saved before dropout and init existed
+    if not 0 <= dropout < 1:
+        raise UserError(f"learner.dropout={dropout} must be in [0, 1)")
     kwargs = dict(out_dim=out_dim, filters=filters, blocks=cfg.blocks,
                   batch_norm=getattr(cfg.batch_norm, "value", cfg.batch_norm), bn_steps=cfg.bn_steps,
-                  conv_impl=resolve_conv_impl(cfg.conv_impl))
+                  conv_impl=resolve_conv_impl(cfg.conv_impl), dropout=float(dropout),
+                  initializer=check_init(cfg.get("init")))
     return Conv4(**{**kwargs, **overrides})
 
 

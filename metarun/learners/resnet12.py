@@ -1,7 +1,7 @@
 """ResNet-12 of few-shot learning (Oreshkin et al. 2018; Lee et al. 2019): 4 residual blocks, 64-160-320-640, DropBlock."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -61,10 +61,11 @@ class Conv(nn.Module):
     features: int
     size: int = 3
     impl: str = "xla"
+    kernel_init: Callable = _conv_init   # learner.init (resnet12_learner); the reference implementations' by default
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", _conv_init, (self.size, self.size, x.shape[-1], self.features))
+        kernel = self.param("kernel", self.kernel_init, (self.size, self.size, x.shape[-1], self.features))
         if self.size == 1:
             return x @ kernel[0, 0]
         return (conv3x3_im2col if self.impl == "im2col" else conv3x3_xla)(x, kernel)

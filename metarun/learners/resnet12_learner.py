@@ -16,7 +16,8 @@ import flax.linen as nn
 from metarun.errors import UserError
 from metarun.learners.batchnorm import BatchNorm, BatchNormMode
 from metarun.learners.conv4 import max_pool_2x2, resolve_conv_impl
-from metarun.learners.resnet12 import LEAK, Conv
+from metarun.learners.initializers import check_init, kernel_init
+from metarun.learners.resnet12 import LEAK, Conv, _conv_init
 from metarun.registry import register
 
 
@@ -26,6 +27,7 @@ class ModeResBlock(nn.Module):
     batch_norm: str = "transductive"
     bn_steps: int = 1
     conv_impl: str = "xla"
+    initializer: str = "default"
 
     @nn.compact
     def __call__(self, x, train: bool, step):
@@ -34,10 +36,11 @@ class ModeResBlock(nn.Module):
                 return h
             return BatchNorm(self.batch_norm, self.bn_steps, name=name)(h, train, step)
 
-        shortcut = norm(Conv(self.features, 1, name="conv_shortcut")(x), "norm_shortcut")
+        init = kernel_init(self.initializer, _conv_init)
+        shortcut = norm(Conv(self.features, 1, kernel_init=init, name="conv_shortcut")(x), "norm_shortcut")
         h = x
         for j in range(3):
-            h = norm(Conv(self.features, 3, self.conv_impl, name=f"conv{j}")(h), f"norm{j}")
+            h = norm(Conv(self.features, 3, self.conv_impl, init, name=f"conv{j}")(h), f"norm{j}")
             if j < 2:
                 h = nn.leaky_relu(h, LEAK)
         return max_pool_2x2(nn.leaky_relu(h + shortcut, LEAK))
@@ -50,14 +53,17 @@ class ResNet12Learner(nn.Module):
     batch_norm: str = "transductive"
     bn_steps: int = 1
     conv_impl: str = "xla"
+    initializer: str = "default"  # learner.init (metarun.learners.initializers); the head's default: LeCun normal
 
     @nn.compact
     def __call__(self, x, train: bool = False, step=0):
         for i, width in enumerate(self.widths):
-            x = ModeResBlock(width, self.batch_norm, self.bn_steps, self.conv_impl, name=f"block{i}")(x, train, step)
+            x = ModeResBlock(width, self.batch_norm, self.bn_steps, self.conv_impl, self.initializer,
+                             name=f"block{i}")(x, train, step)
         x = x.mean(axis=(1, 2))
         if self.out_dim is not None:
-            x = nn.Dense(self.out_dim, name="head")(x)
+            x = nn.Dense(self.out_dim, kernel_init=kernel_init(self.initializer, nn.initializers.lecun_normal()),
+                         name="head")(x)
         return x
 
 
@@ -72,6 +78,7 @@ class ResNet12Config:
     batch_norm: BatchNormMode = BatchNormMode.transductive
     bn_steps: int = 1
     conv_impl: str = "auto"
+    init: str = "default"        # default (Kaiming normal, fan_out) | lecun | xavier | kaiming | orthogonal
 
 
 @register("learner", "resnet12", schema=ResNet12Config)
@@ -83,6 +90,7 @@ def build(cfg, out_dim: Optional[int], **overrides) -> ResNet12Learner:
                         f"to its learner yet; use learner.drop_rate=0")
     widths = tuple(max(1, round(w * cfg.width_factor)) for w in cfg.widths)
     kwargs = dict(out_dim=out_dim, widths=widths, batch_norm=getattr(cfg.batch_norm, "value", cfg.batch_norm),
-                  bn_steps=cfg.bn_steps, conv_impl=resolve_conv_impl(cfg.conv_impl))
+                  bn_steps=cfg.bn_steps, conv_impl=resolve_conv_impl(cfg.conv_impl),
+                  initializer=check_init(cfg.get("init")))
     return ResNet12Learner(**{**kwargs, **overrides})
 
