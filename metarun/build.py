@@ -3,16 +3,21 @@ each piece its own section (the family gets `dataset` and `task`, an algorithm g
 collaborators, the outer optimiser gets `meta_opt`)."""
 from __future__ import annotations
 
+from dataclasses import fields
 from functools import partial
 from typing import Optional
 
+from omegaconf import OmegaConf
+
 from metarun.algos import Collaborators, MetaAlgorithm, build_algo
 from metarun.core import TrainState, init_state
+from metarun.errors import UserError
 from metarun.families import TaskFamily, build_family
 from metarun.init_from import apply_init_from, check_source, init_dir
 from metarun.learners import build_learner
 from metarun.optim import make_optimizer
 from metarun.regularize import check_regularize
+from metarun.registry import lookup
 
 
 def load_family(cfg) -> TaskFamily:
@@ -20,10 +25,26 @@ def load_family(cfg) -> TaskFamily:
     label smoothing (`.get`: configs saved before those sections existed have neither)."""
     regularize = cfg.get("regularize")
     check_regularize(regularize)
-    family = build_family(cfg.dataset, cfg.task, cfg.seed, augment=cfg.get("augment"),
+    family = build_family(with_test_x_range(cfg), cfg.task, cfg.seed, augment=cfg.get("augment"),
                           label_smoothing=regularize.get("label_smoothing", 0.0) if regularize is not None else 0.0)
     family.check_learner(cfg.learner)
     return family
+
+
+def with_test_x_range(cfg):
+    """The dataset section with `eval.x_range` as its test split's input range (`dataset.test_x_range`); the
+    other splits are untouched. One line for a dataset that has no such key."""
+    x_range = (cfg.get("eval") or {}).get("x_range")
+    if x_range is None:
+        return cfg.dataset
+    schema = lookup("dataset", cfg.dataset.name, "dataset").schema
+    if schema is None or "test_x_range" not in {f.name for f in fields(schema)}:
+        raise UserError(f"eval.x_range={list(x_range)}: dataset={cfg.dataset.name} has no test input range to set "
+                        f"(datasets with dataset.test_x_range: sinusoid)")
+    # A plain copy (a run saved before the key existed lacks it in its struct config).
+    dataset = OmegaConf.create(OmegaConf.to_container(cfg.dataset, resolve=True))
+    dataset.test_x_range = list(x_range)
+    return dataset
 
 
 def make_algo(cfg, family: TaskFamily, phase: str, inner_steps: Optional[int] = None) -> MetaAlgorithm:

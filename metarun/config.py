@@ -103,6 +103,9 @@ class EvalConfig:
     ways: Optional[int] = None
     shots: Optional[int] = None
     queries: Optional[int] = None
+    # The test split's input range of a regression dataset that has one (sinusoid's dataset.test_x_range),
+    # e.g. [-5, 10]: the DKT paper's out-of-range test, in training's final test or with mode=eval.
+    x_range: Optional[List[float]] = None
 
 
 @dataclass
