@@ -39,7 +39,7 @@ PAPER_SINES = {("feature_transfer", 1): 2.94, ("feature_transfer", 100): 2.67, (
 
 def find_results(roots) -> List[Path]:
     """Every run dir (holding results.json) under the roots."""
-    return sorted({p.parent for root in roots for p in Path(root).rglob("results.json")})
+    return sorted({p.parent.resolve() for root in roots for p in Path(root).rglob("results.json")})
 
 
 def _load(run_dir: Path) -> dict:
@@ -53,7 +53,9 @@ def _config(run_dir: Path) -> dict:
 
 
 def _trained(run_dir: Path, results: dict) -> Path:
-    return Path(results["evaluated_run"]) if results.get("evaluated_run") else run_dir
+    """The dir of the run that was trained (resolved: a mode=eval dir records it as given on its command line,
+    relative to where it ran, which is taken to be the current directory)."""
+    return (Path(results["evaluated_run"]) if results.get("evaluated_run") else run_dir).resolve()
 
 
 def _stat(entry: Optional[dict], scale: float = 1.0, digits: int = 2) -> str:

@@ -55,10 +55,11 @@ def test_omniglot_rows_in_algorithm_order_per_setting_with_ece_and_nll(tmp_path)
     assert "| relationnet | 95.00 ± 0.42 | — | 0.412 ± 0.012 |" in lines[4]
 
 
-def test_sinusoid_pairs_a_re_evaluation_out_of_range_with_its_trained_run(tmp_path):
+def test_sinusoid_pairs_a_re_evaluation_out_of_range_with_its_trained_run(tmp_path, monkeypatch):
     ft = _sinusoid(tmp_path / "ft", "feature_transfer", 2.7, [-5.0, 5.0], inner_steps=100,
                    by_steps={"1": {"mean": 2.9, "ci95": 0.1}, "100": {"mean": 2.7, "ci95": 0.01}})
-    _sinusoid(tmp_path / "ft_oor", "feature_transfer", 6.5, [-5.0, 10.0], inner_steps=100, evaluated_run=ft,
+    monkeypatch.chdir(tmp_path)  # mode=eval records ckpt= as typed: relative to where it ran
+    _sinusoid(tmp_path / "ft_oor", "feature_transfer", 6.5, [-5.0, 10.0], inner_steps=100, evaluated_run="ft",
               by_steps={"1": {"mean": 7.0, "ci95": 0.2}, "100": {"mean": 6.5, "ci95": 0.3}})
     dkt = _sinusoid(tmp_path / "dkt", "dkt", 0.08, [-5.0, 5.0], algo_config={"kernel": "spectral"})
     _sinusoid(tmp_path / "dkt_oor", "dkt", 0.5, [5.0, 10.0], algo_config={"kernel": "spectral"}, evaluated_run=dkt)
