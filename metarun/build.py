@@ -3,8 +3,11 @@ each piece its own section (the family gets `dataset` and `task`, an algorithm g
 collaborators, the outer optimiser gets `meta_opt`)."""
 from __future__ import annotations
 
+from dataclasses import fields
 from functools import partial
 from typing import Optional
+
+from omegaconf import OmegaConf
 
 from metarun.algos import Collaborators, MetaAlgorithm, build_algo
 from metarun.core import TrainState, init_state
@@ -25,11 +28,27 @@ def load_family(cfg) -> TaskFamily:
     check_dropout_keys(cfg, "train")  # before the data is read
     # An algorithm registered with train_tasks="batches" (pretrain) trains on labelled minibatches, not episodes.
     train_tasks = lookup("algo", cfg.algo.name, "algo").meta.get("train_tasks", "episodes")
-    family = build_family(cfg.dataset, cfg.task, cfg.seed, augment=cfg.get("augment"),
+    family = build_family(with_test_x_range(cfg), cfg.task, cfg.seed, augment=cfg.get("augment"),
                           label_smoothing=regularize.get("label_smoothing", 0.0) if regularize is not None else 0.0,
                           train_tasks=train_tasks, algo=cfg.algo.name)
     family.check_learner(cfg.learner)
     return family
+
+
+def with_test_x_range(cfg):
+    """The dataset section with `eval.x_range` as its test split's input range (`dataset.test_x_range`); the
+    other splits are untouched. One line for a dataset that has no such key."""
+    x_range = (cfg.get("eval") or {}).get("x_range")
+    if x_range is None:
+        return cfg.dataset
+    schema = lookup("dataset", cfg.dataset.name, "dataset").schema
+    if schema is None or "test_x_range" not in {f.name for f in fields(schema)}:
+        raise UserError(f"eval.x_range={list(x_range)}: dataset={cfg.dataset.name} has no test input range to set "
+                        f"(datasets with dataset.test_x_range: sinusoid)")
+    # A plain copy (a run saved before the key existed lacks it in its struct config).
+    dataset = OmegaConf.create(OmegaConf.to_container(cfg.dataset, resolve=True))
+    dataset.test_x_range = list(x_range)
+    return dataset
 
 
 def make_algo(cfg, family: TaskFamily, phase: str, inner_steps: Optional[int] = None) -> MetaAlgorithm:

@@ -122,6 +122,9 @@ class EvalConfig:
     continual_shots: int = 15           # images learned per class; the rest of the class's images are held out
     # mode=eval only: an ensemble of the run's K best validation checkpoints (train.keep_best >= K), MAML++'s protocol.
     ensemble_top_k: Optional[int] = None
+    # The test split's input range of a regression dataset that has one (sinusoid's dataset.test_x_range),
+    # e.g. [-5, 10]: the DKT paper's out-of-range test, in training's final test or with mode=eval.
+    x_range: Optional[List[float]] = None
 
 
 @dataclass

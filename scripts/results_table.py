@@ -123,12 +123,12 @@ def markdown(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(path: Path, table: str) -> None:
-    """Replace the table between BEGIN and END in `path` (keeping the prose), else write it whole."""
+def write_table(path: Path, table: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the table between `begin` and `end` in `path` (keeping the prose), else write it whole."""
     text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text.split(BEGIN, 1)[1]:
-        head, rest = text.split(BEGIN, 1)
-        text = f"{head}{BEGIN}\n{table}{END}{rest.split(END, 1)[1]}"
+    if begin in text and end in text.split(begin, 1)[1]:
+        head, rest = text.split(begin, 1)
+        text = f"{head}{begin}\n{table}{end}{rest.split(end, 1)[1]}"
     else:
         text = table
     tmp = path.with_name(path.name + ".tmp")

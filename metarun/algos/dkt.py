@@ -20,6 +20,7 @@ from jax.scipy.stats import norm
 
 from metarun import gaussian_process as gp
 from metarun.algos.base import Collaborators, MetaAlgorithm
+from metarun.algos.prediction_record import regression_record
 from metarun.errors import UserError
 from metarun.learners import Net
 from metarun.registry import register
@@ -132,7 +133,9 @@ def dkt(net: Net, family, kernel: str, train: bool, lengthscale: float = 1.0, ou
     meta_params = {"net": feature network, "kernel": kernel hyperparameters, "log_noise": scalar};
     algo_state = {}. `adapt` embeds the support set; `loss` returns the negative marginal likelihood of
     the task's points under the GP (support and query, the meta-objective; at evaluation it is reported
-    only) with the family's metrics of the posterior predictive on the queries.
+    only) with the family's metrics of the posterior predictive on the queries. The regression eval build
+    also records predictions.png's arrays (metarun.algos.prediction_record): the posterior mean and the
+    predictive standard deviation (latent variance + noise, as in the log-likelihood) on a grid per task.
 
     Args:
       net: the feature network in a mode.
@@ -188,8 +191,14 @@ def dkt(net: Net, family, kernel: str, train: bool, lengthscale: float = 1.0, ou
             metrics["accuracy"] = (jnp.argmax(mean, -1) == query.y).mean()
         else:
             _, metrics = family.objective(mean.reshape(query.y.shape), query.y, query.mask)
-            metrics["log_likelihood"] = predictive_log_likelihood(mean, var + jnp.exp(meta_params["log_noise"]),
-                                                                  query.y, query.mask)
+            noise_var = jnp.exp(meta_params["log_noise"])
+            metrics["log_likelihood"] = predictive_log_likelihood(mean, var + noise_var, query.y, query.mask)
+            if not train:
+                def grid_predictive(x):
+                    out = net.apply_query(meta_params["net"], x, support.x)
+                    g_mean, g_var = predict(meta_params, zs, out.reshape(out.shape[0], -1), support)
+                    return g_mean, jnp.sqrt(g_var + noise_var)
+                metrics.update(regression_record(support, query, grid_predictive))
         return mll_loss, {**metrics, "loss": mll_loss}
 
     return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from metarun.algos.base import STATE_UPDATES, Collaborators, MetaAlgorithm
+from metarun.algos.prediction_record import regression_record
 from metarun.errors import UserError
 from metarun.inner import inner_loop, scale_by_per_step_rates
 from metarun.learners import Net
@@ -69,7 +70,7 @@ def per_step_updates(stats_trace, steps: int):
 
 def maml(net: Net, objective, inner_lr: float, inner_steps: int, first_order: bool = False,
          options: MAMLPlusPlus = MAMLPlusPlus(), rate_steps: Optional[int] = None, meta_step=None,
-         info=None) -> MetaAlgorithm:
+         info=None, record: bool = False) -> MetaAlgorithm:
     """Builds MAML over a learner in a mode (`net`).
 
     meta_params = {"net": params[, "lslr": rates][, "bn": per-step BN params]};
@@ -85,6 +86,8 @@ def maml(net: Net, objective, inner_lr: float, inner_steps: int, first_order: bo
       rate_steps: per-step rates / BN copies held (the training inner steps); a longer test-time
         loop reuses the last.
       meta_step: the training step the annealed options are for; the trainer supplies it via at_step.
+      record: (regression, evaluation) also return predictions.png's `_plot_*` arrays: the adapted
+        network's predictions on a grid per task (metarun.algos.prediction_record).
     """
     o = options
     rate_steps = rate_steps or inner_steps
@@ -130,6 +133,8 @@ def maml(net: Net, objective, inner_lr: float, inner_steps: int, first_order: bo
         fast, _, stats_trace, path = inner_loop(step_loss, meta_params["net"], opt, inner_steps,
                                                 first_order=order, trace=msl)
         task_state = {"params": path if msl else fast, "support_x": support.x}
+        if record:
+            task_state["support"] = support
         if stats_trace is not None and inner_steps > 0:
             task_state["batch_stats"] = per_step_updates(stats_trace, inner_steps)
         return task_state
@@ -144,6 +149,10 @@ def maml(net: Net, objective, inner_lr: float, inner_steps: int, first_order: bo
         if not msl:
             total, metrics = query_loss(meta_params, algo_state, task_state["params"], last, query,
                                         task_state["support_x"])
+            if record:
+                params = full(meta_params, task_state["params"], last)
+                metrics = {**metrics, **regression_record(task_state["support"], query, lambda x: (net.apply_query(
+                    params, x, task_state["support_x"], algo_state.get("batch_stats"), last), None))}
         else:
             losses, per_step = jax.vmap(
                 lambda f, s: query_loss(meta_params, algo_state, f, s, query, task_state["support_x"]))(
@@ -162,7 +171,7 @@ def maml(net: Net, objective, inner_lr: float, inner_steps: int, first_order: bo
     at_step = None
     if annealed and meta_step is None:
         at_step = lambda step: maml(net, objective, inner_lr, inner_steps, first_order, options,  # noqa: E731
-                                    rate_steps, meta_step=step, info=info)
+                                    rate_steps, meta_step=step, info=info, record=record)
     return MetaAlgorithm(init=init, adapt=adapt, loss=loss, at_step=at_step, info=info or {})
 
 
@@ -208,4 +217,5 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
     info = {"name": a.name, "variant": variant, "first_order": bool(a.first_order), "inner_lr": a.inner_lr,
             "inner_steps": a.inner_steps, "eval_inner_steps": a.eval_inner_steps, "inner_optimizer": "sgd",
             **({"maml++": asdict(options)} if options.any else {})}
-    return maml(net, c.family.objective, a.inner_lr, steps, a.first_order, options, a.inner_steps, info=info)
+    return maml(net, c.family.objective, a.inner_lr, steps, a.first_order, options, a.inner_steps, info=info,
+                record=not c.train and c.family.kind == "regression")

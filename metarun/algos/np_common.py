@@ -96,11 +96,13 @@ def grid_for(ctx, tgt, points: int = GRID_POINTS):
 
 def plot_record(ctx, tgt, x_grid, mean, std, samples=None) -> Dict[str, jax.Array]:
     """The `_plot_*` metrics of one task (metarun.families.regression.PLOT_KEYS and TASK_KEYS: the family draws
-    predictions.png and computes the GP reference rows from them), first output dimension."""
+    predictions.png and computes the GP reference rows from them), first output dimension. std None: a point
+    prediction (MAML), drawn without a band."""
     record = {"_plot_x_context": ctx["x"], "_plot_y_context": ctx["y"], "_plot_mask_context": ctx["mask"],
               "_plot_x_target": tgt["x"], "_plot_y_target": tgt["y"], "_plot_mask_target": tgt["mask"],
-              "_plot_x_grid": x_grid[:, 0],
-              "_plot_mean": mean[:, 0], "_plot_std": std[:, 0]}
+              "_plot_x_grid": x_grid[:, 0], "_plot_mean": mean[:, 0]}
+    if std is not None:
+        record["_plot_std"] = std[:, 0]
     if samples is not None:
         record["_plot_samples"] = samples[..., 0]
     return record

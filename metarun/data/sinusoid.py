@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from metarun.data.tasks import Examples, Sampler, Task
+from metarun.errors import UserError
 from metarun.registry import register
 
 
@@ -43,16 +44,36 @@ class SinusoidConfig:
     amplitude: List[float] = field(default_factory=lambda: [0.1, 5.0])
     phase: List[float] = field(default_factory=lambda: [0.0, math.pi])
     x_range: List[float] = field(default_factory=lambda: [-5.0, 5.0])
+    # The test split's input range (support and query points), None: x_range. The DKT paper's out-of-range
+    # test draws a task's every point from [-5, 10] after training on [-5, 5] (its sines code). Train and val
+    # keep x_range. `eval.x_range` sets it for a training run's test or for mode=eval.
+    test_x_range: Optional[List[float]] = None
+
+
+def check_range(key: str, value) -> tuple:
+    """(low, high) from a config list; one line unless it is two numbers with low < high."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise UserError(f"{key}={value} must be [low, high] (two numbers)") from None
+    if not low < high:
+        raise UserError(f"{key}={[low, high]} must be [low, high] with low < high")
+    return low, high
 
 
 @register("dataset", "sinusoid", schema=SinusoidConfig, family="regression")
 def load(cfg, seed: int = 0):
-    """Every split draws from the same distribution of functions (fresh draws per key)."""
+    """Every split draws from the same distribution of functions (fresh draws per key); the test split's
+    inputs from dataset.test_x_range when set (sampler_for.x_ranges: split -> (low, high))."""
     del seed
+    x_range = check_range("dataset.x_range", cfg.x_range)
+    test = cfg.get("test_x_range")
+    x_ranges = {"train": x_range, "val": x_range,
+                "test": x_range if test is None else check_range("dataset.test_x_range", test)}
 
     def sampler_for(split, shots, queries, min_shots=None):
-        del split
-        return make_sinusoid_sampler(shots, queries, tuple(cfg.amplitude), tuple(cfg.phase), tuple(cfg.x_range),
+        return make_sinusoid_sampler(shots, queries, tuple(cfg.amplitude), tuple(cfg.phase), x_ranges[split],
                                      min_shots)
 
+    sampler_for.x_ranges = x_ranges
     return sampler_for

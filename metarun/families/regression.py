@@ -36,15 +36,15 @@ def regression_objective(predictions, targets, mask=None):
 METRICS = {"mse": False, "log_likelihood": True, "kl": False}
 
 # Per-task arrays an algorithm may record at evaluation (metrics keys; `_` keeps them out of the summary)
-# for predictions.png: the context and the targets, and the predictive on a grid of inputs per task.
+# for predictions.png: the context and the targets, and the predictive on a grid of inputs per task
+# (metarun.algos.np_common.plot_record, metarun.algos.prediction_record).
 PLOT_KEYS = ("_plot_x_context", "_plot_y_context", "_plot_mask_context", "_plot_x_target", "_plot_y_target",
-             "_plot_x_grid", "_plot_mean", "_plot_std")
+             "_plot_x_grid", "_plot_mean")
 # The tasks themselves (with the targets' mask): the GP reference rows are computed on them.
 TASK_KEYS = PLOT_KEYS[:5] + ("_plot_mask_target",)
+PLOT_STD = "_plot_std"          # optional [G]: the predictive standard deviation (no band without it: MAML)
 PLOT_SAMPLES = "_plot_samples"  # optional [S, G]: sampled functions of a latent model
 PLOTTED_TASKS = 4               # the first test episodes (fixed seed: the same tasks for every algorithm)
-# The query-points-only contract of metarun/plots/predictions.py (docs/bayesian.md; `_std` optional).
-QUERY_PLOT_KEYS = ("_support_x", "_support_y", "_query_x", "_query_y", "_mean")
 
 
 @register("family", "regression")
@@ -103,7 +103,8 @@ class RegressionFamily(TaskFamily):
     def describe(self, split: str):
         which = "train" if split == "train" else "test"
         return {"shots": self.shots[which], "queries": self.queries[which], "min_shots": self.min_shots,
-                **({"test_regime": self.sampler_for.regimes[split]} if hasattr(self.sampler_for, "regimes") else {})}
+                **({"test_regime": self.sampler_for.regimes[split]} if hasattr(self.sampler_for, "regimes") else {}),
+                **({"x_range": list(self.sampler_for.x_ranges[split])} if hasattr(self.sampler_for, "x_ranges") else {})}
 
     def summarize(self, per_task: Dict[str, np.ndarray]):
         if self.metric not in per_task:  # e.g. MAML predicts no variance, hence no log-likelihood
@@ -133,23 +134,16 @@ class RegressionFamily(TaskFamily):
 
     def plots(self, run_dir, per_task: Dict[str, np.ndarray]) -> List[str]:
         """predictions.png: the first PLOTTED_TASKS test tasks with the context, the targets, the predictive
-        mean and a ±2σ band (and sampled functions of latent models), when the algorithm recorded PLOT_KEYS;
-        on GP data also the exact GP posterior of the tasks' own kernel (dashed). Algorithms that record
-        nothing (maml, metasgd: a point prediction only) get no figure."""
-        if all(k in per_task for k in QUERY_PLOT_KEYS):  # predictions at the query points only
-            from metarun.plots.predictions import predictions_plot
-
-            flat = {k: np.asarray(per_task[k][:PLOTTED_TASKS]).reshape(min(PLOTTED_TASKS, len(per_task[k])), -1)
-                    for k in QUERY_PLOT_KEYS + ("_std",) if k in per_task}
-            path = predictions_plot(*(flat[k] for k in QUERY_PLOT_KEYS), flat.get("_std"),
-                                    Path(run_dir) / "predictions.png", title=f"{self.name} test tasks")
-            return [path.name]
+        mean and a ±2σ band when there is a PLOT_STD (and sampled functions of latent models), when the
+        algorithm recorded PLOT_KEYS; on GP data also the exact GP posterior of the tasks' own kernel (dashed).
+        Algorithms that record nothing (metasgd, anil, ...) get no figure."""
         if not all(k in per_task for k in PLOT_KEYS):
             return []
         from metarun.plots.function_predictions import predictions_figure  # matplotlib only when a plot is drawn
 
         n = min(PLOTTED_TASKS, len(per_task[PLOT_KEYS[0]]))
-        tasks = [{k[len("_plot_"):]: np.asarray(per_task[k][i]) for k in PLOT_KEYS + (PLOT_SAMPLES,) if k in per_task}
+        tasks = [{k[len("_plot_"):]: np.asarray(per_task[k][i]) for k in PLOT_KEYS + (PLOT_STD, PLOT_SAMPLES)
+                  if k in per_task}
                  for i in range(n)]
         if self.gp_prior is not None:
             from metarun.gaussian_process import posterior

@@ -1,5 +1,6 @@
-"""predictions.png for function regression: predictive on a dense grid per task (context, targets, mean, ±2σ, sampled
-functions of latent models, the exact GP posterior). plots/predictions.py draws predictions at the query points only."""
+"""predictions.png for function regression: predictive on a dense grid per task (context, targets, mean, ±2σ when the
+model has a variance, sampled functions of latent models, the exact GP posterior). Every regression algorithm that
+records `_plot_*` arrays (Neural Processes, DKT, MAML, Feature Transfer) is drawn by this one figure."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,9 @@ def predictions_figure(tasks: List[Dict[str, np.ndarray]], path, title: str = "t
     """Writes one panel per task to `path` (PNG) and returns the path.
 
     Each task dict holds x_context [n, 1], y_context [n, 1], mask_context [n] (1 = real point), x_target
-    [m, 1], y_target [m, 1], x_grid [G], mean [G], std [G]; optionally samples [S, G] (functions of a
-    latent model) and exact_mean / exact_std [G] (the exact GP posterior of the tasks' kernel).
+    [m, 1], y_target [m, 1], x_grid [G], mean [G]; optionally std [G] (the ±2σ band; a point prediction such
+    as MAML's has none), samples [S, G] (functions of a latent model) and exact_mean / exact_std [G] (the
+    exact GP posterior of the tasks' kernel).
     """
     # Figure + the Agg canvas directly, not pyplot: no global backend switch, no figure left open.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -24,9 +26,11 @@ def predictions_figure(tasks: List[Dict[str, np.ndarray]], path, title: str = "t
     for i, t in enumerate(tasks):
         ax = fig.add_subplot(1, len(tasks), i + 1)
         order = np.argsort(t["x_grid"])
-        g, mean, std = t["x_grid"][order], t["mean"][order], t["std"][order]
-        ax.fill_between(g, mean - 2 * std, mean + 2 * std, color="tab:blue", alpha=0.2, linewidth=0,
-                        label="model ±2σ")
+        g, mean = t["x_grid"][order], t["mean"][order]
+        if "std" in t:
+            std = t["std"][order]
+            ax.fill_between(g, mean - 2 * std, mean + 2 * std, color="tab:blue", alpha=0.2, linewidth=0,
+                            label="model ±2σ")
         for j, s in enumerate(t.get("samples", ())):
             ax.plot(g, s[order], color="tab:blue", alpha=0.5, linewidth=0.7, label="sampled functions" if j == 0 else None)
         ax.plot(g, mean, color="tab:blue", linewidth=1.5, label="model mean")
