@@ -29,6 +29,7 @@ import optax
 
 from metarun.algos.base import Collaborators, MetaAlgorithm, mean_over_tasks
 from metarun.algos.maml import check_inner
+from metarun.algos.own_step import META_OPT_VIEW, WEIGHT_DECAY_VIEW, check_applies_step_unchanged
 from metarun.errors import UserError
 from metarun.inner import inner_loop
 from metarun.registry import register
@@ -257,15 +258,14 @@ class MAMLRLConfig:
     ls_max_steps: int = 15
     ls_backtrack_ratio: float = 0.8
     # Read-only views of the run's outer optimiser (not settings): outer=trpo returns its finished step as the
-    # "gradient", which only meta_opt=sgd with lr 1.0 and nothing else applies unchanged; the builder checks it.
-    outer_meta_opt: Any = "${oc.select:meta_opt,null}"
-    outer_weight_decay: Any = "${oc.select:regularize.weight_decay,0.0}"
+    # "gradient", which only meta_opt=sgd with lr 1.0 applies unchanged; the builder checks (algos/own_step.py).
+    outer_meta_opt: Any = META_OPT_VIEW
+    outer_weight_decay: Any = WEIGHT_DECAY_VIEW
 
 
 def check_outer(a) -> None:
     """One-line refusals of a bad outer step: an unknown name, TRPO settings out of range, and for TRPO a
-    meta_opt that would not apply its step unchanged (Adam would rescale it, momentum or a schedule would
-    change its length, clipping would cut it, weight decay would add to it)."""
+    meta_opt that would not apply its step unchanged (metarun.algos.own_step)."""
     if a.outer not in OUTERS:
         raise UserError(f"algo.outer={a.outer} is unknown; expected one of: {', '.join(OUTERS)}")
     if a.outer != "trpo":
@@ -275,17 +275,7 @@ def check_outer(a) -> None:
                               ("ls_backtrack_ratio", 0 < a.ls_backtrack_ratio < 1, "in (0, 1)")):
         if not ok:
             raise UserError(f"algo.{key}={a[key]} must be {expected} (algo.outer=trpo)")
-    m = a.get("outer_meta_opt")
-    if m is None:  # built without a run config around it (a direct call): nothing to check against
-        return
-    plain_sgd = (m.name == "sgd" and float(m.lr) == 1.0 and m.schedule == "constant" and not m.warmup_steps
-                 and not m.momentum and not m.grad_clip and not a.get("outer_weight_decay"))
-    if not plain_sgd:
-        raise UserError(f"algo.outer=trpo makes the whole step itself and needs meta_opt=sgd meta_opt.lr=1.0 (constant, "
-                        f"no momentum, warmup, grad_clip or regularize.weight_decay) to apply it unchanged; got "
-                        f"meta_opt={m.name} lr={m.lr} schedule={m.schedule} momentum={m.momentum} "
-                        f"grad_clip={m.grad_clip} warmup_steps={m.warmup_steps} "
-                        f"regularize.weight_decay={a.get('outer_weight_decay')}")
+    check_applies_step_unchanged(a, "algo.outer=trpo")
 
 
 @register("algo", "maml_rl", schema=MAMLRLConfig)
