@@ -4,9 +4,15 @@ adapt: `inner_steps` REINFORCE steps through `metarun.inner.inner_loop` with `op
   step i rolls out the current fast policy (`fast_batch` trajectories, keys `split(key, steps)[i]`),
   fits the linear feature baseline (Duan et al. 2016) on that batch, computes GAE advantages
   (normalised) and takes the gradient of −mean(log π · A).
-loss: rolls out the adapted policy (the query rollouts) and returns the same REINFORCE surrogate;
-  the outer update is plain policy gradient through `meta_opt` (Adam by default). The paper uses
-  TRPO outside; this does not.
+loss: rolls out the adapted policy (the query rollouts) and returns the same REINFORCE surrogate.
+outer: "reinforce" — the meta-gradient of that surrogate goes to `meta_opt` (Adam by default; the default
+  meta-step). "trpo" — the paper's outer step (pytorch-maml-rl's MAMLTRPO, metarun.rl.trpo): this
+  algorithm's own meta_step samples the support and query rollouts once, then maximises the
+  importance-weighted advantage of the adapted policy on the query rollouts inside a KL trust region
+  around the adapted policy at sampling time (conjugate gradient on Hessian-vector products of the KL,
+  backtracking line search; every candidate re-adapts from the same support rollouts). It returns the
+  step as "grads" = −step, so `meta_opt=sgd` with lr 1.0 applies it unchanged (the builder refuses
+  any other meta_opt: an optimiser cannot see that its input is already a step).
 
 Gradients flow only through log π of recorded actions (the rollouts use stop_gradient(params)), as
 pytorch-maml-rl: the dependence of the inner rollout's sampling distribution on θ (DiCE / ProMP's
@@ -15,23 +21,44 @@ extra term) is not differentiated. `first_order=True` drops the inner step's sec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from metarun.algos.base import Collaborators, MetaAlgorithm
+from metarun.algos.base import Collaborators, MetaAlgorithm, mean_over_tasks
 from metarun.algos.maml import check_inner
+from metarun.algos.own_step import META_OPT_VIEW, WEIGHT_DECAY_VIEW, check_applies_step_unchanged
 from metarun.errors import UserError
 from metarun.inner import inner_loop
 from metarun.registry import register
-from metarun.rl.policy_gradient import reinforce_loss
-from metarun.rl.rollout import policy_log_probs
+from metarun.rl.policy_gradient import masked_mean, reinforce_loss
+from metarun.rl.rollout import Trajectories, policy_log_probs
+from metarun.rl.trpo import (TRPOSettings, kl_divergence, kl_hessian_vector_product, line_search,
+                             natural_gradient_step, tree_axpy)
+
+OUTERS = ("reinforce", "trpo")
+
+
+class TRPOBatch(NamedTuple):
+    """One task's rollouts as sampled by the meta-policy: what TRPO's surrogate and KL are computed on.
+
+    support: the recorded inner-step batches (Trajectories, advantages), stacked over the inner steps;
+      replaying the inner steps on them re-adapts any candidate meta-parameters (pytorch-maml-rl's
+      `adapt(train_futures)`).
+    query: the adapted policy's rollouts; advantages: theirs (linear baseline + GAE, as sampled);
+    old: the adapted policy's action distribution on the query observations at sampling time.
+    """
+    support: Tuple[Trajectories, jax.Array]
+    query: Trajectories
+    advantages: jax.Array
+    old: Any
 
 
 def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool = False,
             baseline_reg: float = 1e-5, normalize_advantages: bool = True, record: bool = False,
-            info=None) -> MetaAlgorithm:
+            info=None, outer: str = "reinforce", trpo: Optional[TRPOSettings] = None) -> MetaAlgorithm:
     """Builds MAML-RL over a feed-forward policy module (obs -> distribution) and an `rl` family.
 
     meta_params: the policy's params; algo_state: {}.
@@ -41,6 +68,8 @@ def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool
     e.g. navigation2d's oracle, are computed on the very tasks evaluated) and, when the family draws
     paths, `_paths` [steps + 1, T, obs] (the first trajectory of every support rollout and of the query
     rollout, NaN after its end) for its trajectory plot. "_" keeps both out of the summaries.
+    outer: "reinforce" (the default meta-step) or "trpo" (`trpo_meta_step`, with `trpo` settings; its
+    meta-step returns −step: apply it with optax.sgd(1.0)). Adaptation and evaluation are the same for both.
     """
     record_paths = record and family.draws_paths
 
@@ -88,7 +117,128 @@ def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool
             metrics["_paths"] = jnp.concatenate([task_state["support_paths"], first_path(traj)[None]])
         return total, metrics
 
-    return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})
+    if outer == "reinforce":
+        return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})
+    if outer != "trpo":
+        raise ValueError(f"outer={outer!r}: expected one of {OUTERS}")
+    pieces = trpo_pieces(apply, family, inner_lr, inner_steps, first_order, baseline_reg, normalize_advantages)
+    return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {},
+                         meta_step=trpo_meta_step(pieces, trpo or TRPOSettings()))
+
+
+class TRPOPieces(NamedTuple):
+    """MAML-TRPO's per-task functions (pytorch-maml-rl's MAMLTRPO), built by `trpo_pieces`.
+
+    sample(meta_params, task, key) -> (TRPOBatch, metrics): adapt + loss's rollouts, recorded (the keys of
+      metarun.algos.base.task_loss, so the data are the ones outer=reinforce would see).
+    adapt_on(meta_params, support) -> adapted params: the inner steps replayed on recorded support batches.
+    surrogate_and_kl(meta_params, batch) -> (−mean(π_new/π_old · A), mean KL(π_old ‖ π_new)) over the
+      task's valid query steps, π_new the policy adapted from meta_params.
+    kl_hvp(meta_params, batch, vector) -> ∇²_θ KL · vector at meta_params = the sampling meta-parameters.
+    Second order through the replayed inner step unless `first_order` (then both the surrogate's gradient
+    and the KL's curvature see the adapted weights as a shifted copy of the meta-parameters).
+    """
+    sample: Callable
+    adapt_on: Callable
+    surrogate_and_kl: Callable
+    kl_hvp: Callable
+
+
+def trpo_pieces(apply: Callable, family, inner_lr: float, inner_steps: int, first_order: bool = False,
+                baseline_reg: float = 1e-5, normalize_advantages: bool = True) -> TRPOPieces:
+    """The per-task pieces of MAML-TRPO for a policy `apply(params, obs) -> distribution` and an `rl` family."""
+    inner_opt = optax.sgd(inner_lr)
+
+    def inner_objective(fast, batch):
+        traj, adv = batch
+        return reinforce_loss(policy_log_probs(apply, fast, traj), adv, traj.valid)
+
+    def sample(meta_params, task, key):
+        adapt_key, loss_key = jax.random.split(key)
+
+        def step_loss(fast, step, step_key):
+            del step
+            traj = family.rollout(apply, jax.lax.stop_gradient(fast), task.support.env_params, step_key)
+            adv = family.advantages(traj, baseline_reg, normalize_advantages)
+            return inner_objective(fast, (traj, adv)), ((traj, adv), family.mean_return(traj))
+
+        keys = jax.random.split(adapt_key, max(inner_steps, 1))[:inner_steps]
+        # Values only here (the gradients come from replays of the recorded batches): first order is cheaper.
+        fast, _, (support, returns), _ = inner_loop(step_loss, meta_params, inner_opt, inner_steps, xs=keys,
+                                                    first_order=True)
+        query = family.rollout(apply, fast, task.query.env_params, loss_key)
+        adv = family.advantages(query, baseline_reg, normalize_advantages)
+        after = family.mean_return(query)
+        metrics = {"loss": inner_objective(fast, (query, adv)), "return": after,
+                   "return_before": returns[0] if inner_steps > 0 else after}
+        return TRPOBatch(support, query, adv, apply(fast, query.obs)), metrics
+
+    def adapt_on(meta_params, support):
+        def step_loss(fast, step, batch):
+            del step
+            return inner_objective(fast, batch), None
+
+        return inner_loop(step_loss, meta_params, inner_opt, inner_steps, xs=support, first_order=first_order)[0]
+
+    def new_dist(meta_params, batch: TRPOBatch):
+        return apply(adapt_on(meta_params, batch.support), batch.query.obs)
+
+    def mean_kl(batch: TRPOBatch, dist):
+        return masked_mean(kl_divergence(jax.lax.stop_gradient(batch.old), dist), batch.query.valid)
+
+    def surrogate_and_kl(meta_params, batch: TRPOBatch):
+        new = new_dist(meta_params, batch)
+        old = jax.lax.stop_gradient(batch.old)
+        actions, valid = batch.query.actions, batch.query.valid
+        ratio = jnp.exp(new.log_prob(actions) - old.log_prob(actions))
+        return -masked_mean(ratio * batch.advantages, valid), mean_kl(batch, new)
+
+    def kl_hvp(meta_params, batch: TRPOBatch, vector):
+        return kl_hessian_vector_product(lambda p: new_dist(p, batch), lambda d: mean_kl(batch, d),
+                                         meta_params)(vector)
+
+    return TRPOPieces(sample, adapt_on, surrogate_and_kl, kl_hvp)
+
+
+def trpo_meta_step(pieces: TRPOPieces, settings: TRPOSettings) -> Callable:
+    """pytorch-maml-rl's MAMLTRPO.step as a MetaAlgorithm.meta_step: sample the meta-batch once with the
+    current meta-parameters θ; g = ∇ of the mean surrogate, s = (H + damping·I)⁻¹g by CG on the mean KL's
+    Hessian-vector products, the full step s·√(2·max_kl / sᵀHs), then the first of the line-search
+    candidates θ − β_k·step that lowers the surrogate and keeps the mean KL under max_kl (each candidate
+    re-adapts from the same support rollouts); none: no move.
+
+    Returns ("grads" = β·step, algo_state, metrics): optax.sgd(1.0) turns it into θ − β·step. The tasks are
+    mapped with `map_tasks` for every pass (sampling, gradient, each CG product, the candidates).
+    """
+    def meta_step(meta_params, algo_state, tasks, key, map_tasks):
+        keys = jax.random.split(key, jax.tree.leaves(tasks)[0].shape[0])
+        batches, metrics = map_tasks(lambda t, k: pieces.sample(meta_params, t, k), tasks, keys)
+
+        def over_tasks(fn):
+            """Mean over the meta-batch of fn(batch), mapped in the run's batching mode."""
+            return mean_over_tasks(map_tasks(lambda b, k: fn(b), batches, keys))
+
+        old_loss, grads = over_tasks(
+            lambda b: jax.value_and_grad(lambda p: pieces.surrogate_and_kl(p, b)[0])(meta_params))
+
+        def damped_hvp(vector):
+            return tree_axpy(settings.cg_damping, vector, over_tasks(lambda b: pieces.kl_hvp(meta_params, b, vector)))
+
+        step, shs = natural_gradient_step(grads, damped_hvp, settings.max_kl, settings.cg_iters,
+                                          settings.cg_residual_tol)
+
+        def evaluate(fraction):
+            candidate = jax.tree.map(lambda p, s: p - fraction * s, meta_params, step)
+            return over_tasks(lambda b: pieces.surrogate_and_kl(candidate, b))
+
+        search = line_search(evaluate, old_loss, settings.max_kl, settings.ls_max_steps, settings.ls_backtrack_ratio)
+        metrics = {**mean_over_tasks(metrics), "trpo_surrogate_before": old_loss, "trpo_surrogate_after": search.loss,
+                   "trpo_kl": search.kl, "trpo_step_fraction": search.fraction,
+                   "trpo_accepted": search.accepted.astype(jnp.float32),
+                   "trpo_candidate": search.candidate.astype(jnp.float32), "trpo_shs": shs}
+        return jax.tree.map(lambda s: search.fraction * s, step), algo_state, metrics
+
+    return meta_step
 
 
 @dataclass
@@ -100,6 +250,32 @@ class MAMLRLConfig:
     first_order: bool = False
     baseline_reg: float = 1e-5     # ridge λ of the linear feature baseline
     normalize_advantages: bool = True
+    outer: str = "reinforce"       # reinforce (meta-gradient to meta_opt) | trpo (the paper's; needs meta_opt=sgd, lr 1.0)
+    # outer=trpo (pytorch-maml-rl's 2D-navigation values)
+    max_kl: float = 0.01
+    cg_iters: int = 10
+    cg_damping: float = 1e-5
+    ls_max_steps: int = 15
+    ls_backtrack_ratio: float = 0.8
+    # Read-only views of the run's outer optimiser (not settings): outer=trpo returns its finished step as the
+    # "gradient", which only meta_opt=sgd with lr 1.0 applies unchanged; the builder checks (algos/own_step.py).
+    outer_meta_opt: Any = META_OPT_VIEW
+    outer_weight_decay: Any = WEIGHT_DECAY_VIEW
+
+
+def check_outer(a) -> None:
+    """One-line refusals of a bad outer step: an unknown name, TRPO settings out of range, and for TRPO a
+    meta_opt that would not apply its step unchanged (metarun.algos.own_step)."""
+    if a.outer not in OUTERS:
+        raise UserError(f"algo.outer={a.outer} is unknown; expected one of: {', '.join(OUTERS)}")
+    if a.outer != "trpo":
+        return
+    for key, ok, expected in (("max_kl", a.max_kl > 0, "> 0"), ("cg_iters", a.cg_iters >= 1, ">= 1"),
+                              ("cg_damping", a.cg_damping >= 0, ">= 0"), ("ls_max_steps", a.ls_max_steps >= 1, ">= 1"),
+                              ("ls_backtrack_ratio", 0 < a.ls_backtrack_ratio < 1, "in (0, 1)")):
+        if not ok:
+            raise UserError(f"algo.{key}={a[key]} must be {expected} (algo.outer=trpo)")
+    check_applies_step_unchanged(a, "algo.outer=trpo")
 
 
 @register("algo", "maml_rl", schema=MAMLRLConfig)
@@ -112,12 +288,23 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
     if c.learner_cfg.name == "gru":
         raise UserError("algo=maml_rl adapts a feed-forward policy: use learner=gaussian_mlp or "
                         "learner=categorical_mlp (learner=gru is for algo=rl2)")
+    outer = a.get("outer", "reinforce")  # configs saved before outer= existed ran REINFORCE
+    if c.train:
+        check_outer(a)
     steps = c.inner_steps_for(a)
     info = {"name": a.name, "variant": "fo-maml-rl" if a.first_order else "maml-rl",
             "first_order": bool(a.first_order), "inner_lr": a.inner_lr, "inner_steps": a.inner_steps,
             "eval_inner_steps": a.eval_inner_steps, "inner_optimizer": "sgd (REINFORCE, linear baseline, GAE)",
             "outer": "REINFORCE through meta_opt (not TRPO)", "baseline_reg": a.baseline_reg,
             "normalize_advantages": bool(a.normalize_advantages)}
+    trpo = None
+    if outer == "trpo":
+        trpo = TRPOSettings(max_kl=a.max_kl, cg_iters=a.cg_iters, cg_damping=a.cg_damping,
+                            ls_max_steps=a.ls_max_steps, ls_backtrack_ratio=a.ls_backtrack_ratio)
+        info["outer"] = ("TRPO (pytorch-maml-rl's MAMLTRPO): CG on the KL's Hessian-vector products, "
+                         "backtracking line search; applied by meta_opt=sgd lr 1.0")
+        info.update({k: getattr(trpo, k) for k in ("max_kl", "cg_iters", "cg_damping", "ls_max_steps",
+                                                     "ls_backtrack_ratio")})
     policy = c.learner(c.family.head_dim(c.phase))
     return maml_rl(policy, c.family, a.inner_lr, steps, a.first_order, a.baseline_reg, a.normalize_advantages,
-                   record=not c.train, info=info)
+                   record=not c.train, info=info, outer=outer, trpo=trpo)

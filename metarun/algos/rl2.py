@@ -9,15 +9,26 @@ loss: REINFORCE over the whole trial (returns discounted across episode boundari
   critic without a value head), `linear` (the linear feature baseline) or `none`.
 Metrics: `return` = mean per-episode return over the episodes after the first (all of them when a
 trial has one episode, e.g. a 100-pull bandit), `return_ep{i}` per episode, `loss`.
+
+objective: "reinforce" — the surrogate above, one gradient per meta-batch through `meta_opt` (the default
+  meta-step). "ppo" — PPO-clip (Schulman et al. 2017) with the same advantages (the `baseline` above; no
+  value head): this algorithm's own meta-step samples the trials once, then takes `ppo_epochs` Adam steps
+  (lr `ppo_lr`, moments carried in algo_state["ppo_opt"] across meta-steps, as one PPO optimiser) on
+  −mean(min(r·A, clip(r, 1 ± clip_eps)·A)), r = π_θ/π_old replayed over the whole trial, and returns
+  θ_before − θ_after, which `meta_opt=sgd` with lr 1.0 applies (metarun.algos.own_step).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
+import rlax
 
-from metarun.algos.base import Collaborators, MetaAlgorithm
+from metarun.algos.base import Collaborators, MetaAlgorithm, mean_over_tasks
+from metarun.algos.own_step import META_OPT_VIEW, WEIGHT_DECAY_VIEW, check_applies_step_unchanged
 from metarun.errors import UserError
 from metarun.learners.rl_policies import RL2Inputs
 from metarun.registry import register
@@ -25,6 +36,7 @@ from metarun.rl.policy_gradient import discounted_returns, normalize_advantages,
 from metarun.rl.rollout import recurrent_log_probs
 
 BASELINES = ("time", "linear", "none")
+OBJECTIVES = ("reinforce", "ppo")
 
 
 def episode_returns(traj, episodes: int) -> jax.Array:
@@ -47,15 +59,17 @@ def trial_advantages(traj, gamma: float, baseline: str, family) -> jax.Array:
     return jax.lax.stop_gradient(adv)
 
 
-def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = False, info=None) -> MetaAlgorithm:
+def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = False, info=None,
+        objective: str = "reinforce", ppo_epochs: int = 4, ppo_lr: float = 1e-3, clip_eps: float = 0.2) -> MetaAlgorithm:
     """Builds RL² over a recurrent policy (metarun.learners.rl_policies.GRU) and an `rl` family.
 
-    meta_params: the policy's params; algo_state: {}.
+    meta_params: the policy's params; algo_state: {} ({"ppo_opt": Adam state} with objective="ppo").
     record (evaluation): also `_task`, the task's parameters as a vector, from which the family
     computes its reference rows (bandit: oracle, Thompson sampling, regrets) on the same tasks.
     """
     env = family.env
     init_carry = policy.initial_carry()
+    ppo_opt = optax.adam(ppo_lr)
 
     def apply(params, h, obs, prev_action, prev_reward, prev_done):
         return policy.apply({"params": params}, RL2Inputs(h, obs, prev_action, prev_reward, prev_done))
@@ -65,7 +79,8 @@ def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = Fa
         prev_action = jnp.zeros((1,), jnp.int32) if env.discrete else jnp.zeros((1, env.action_size), jnp.float32)
         x = RL2Inputs(policy.initial_carry((1,)), jnp.zeros((1, env.obs_size), jnp.float32), prev_action,
                       jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.float32))
-        return policy.init(key, x)["params"], {}
+        params = policy.init(key, x)["params"]
+        return params, ({"ppo_opt": ppo_opt.init(params)} if objective == "ppo" else {})
 
     def adapt(meta_params, algo_state, support, key):
         del algo_state
@@ -83,7 +98,44 @@ def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = Fa
             metrics["_task"] = family.task_vector(query.env_params)
         return total, metrics
 
-    return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})
+    if objective == "reinforce":
+        return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})
+    if objective != "ppo":
+        raise ValueError(f"objective={objective!r}: expected one of {OBJECTIVES}")
+
+    def ppo_loss(params, trial):
+        """PPO-clip over a task's trials: r = π_params / π_old on the recorded actions, the trial's advantages."""
+        traj, adv = trial
+        ratio = jnp.exp(recurrent_log_probs(apply, params, traj, init_carry) - traj.log_probs)
+        loss = rlax.clipped_surrogate_pg_loss(ratio.reshape(-1), adv.reshape(-1), clip_eps)
+        return loss, jnp.mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32))
+
+    def ppo_meta_step(meta_params, algo_state, tasks, key, map_tasks):
+        keys = jax.random.split(key, jax.tree.leaves(tasks)[0].shape[0])
+
+        def sample(task, k):
+            adapt_key, loss_key = jax.random.split(k)  # metarun.algos.base.task_loss's split
+            traj = adapt(meta_params, algo_state, task.support, adapt_key)
+            _, metrics = loss(meta_params, algo_state, traj, task.query, loss_key)
+            return (traj, trial_advantages(traj, family.settings.gamma, baseline, family)), metrics
+
+        trials, metrics = map_tasks(sample, tasks, keys)
+
+        def epoch(carry, _):
+            params, opt_state = carry
+            (value, clipped), grads = mean_over_tasks(map_tasks(
+                lambda b, k: jax.value_and_grad(ppo_loss, has_aux=True)(params, b), trials, keys))
+            updates, opt_state = ppo_opt.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), (value, clipped)
+
+        (params, opt_state), (values, clipped) = jax.lax.scan(epoch, (meta_params, algo_state["ppo_opt"]), None,
+                                                              length=ppo_epochs)
+        step = jax.tree.map(lambda before, after: before - after, meta_params, params)  # sgd(1.0) lands on `params`
+        metrics = {**mean_over_tasks(metrics), "ppo_loss_first": values[0], "ppo_loss_last": values[-1],
+                   "ppo_clip_fraction": clipped[-1]}
+        return step, {**algo_state, "ppo_opt": opt_state}, metrics
+
+    return MetaAlgorithm(init=init, adapt=adapt, loss=loss, meta_step=ppo_meta_step, info=info or {})
 
 
 @dataclass
@@ -91,6 +143,13 @@ class RL2Config:
     name: str = "rl2"
     episodes_per_trial: int = 2    # episodes of one task the hidden state carries across
     baseline: str = "time"         # time | linear | none (see trial_advantages)
+    objective: str = "reinforce"   # reinforce (one gradient through meta_opt) | ppo (PPO-clip epochs; meta_opt=sgd, lr 1.0)
+    ppo_epochs: int = 4            # objective=ppo: Adam steps on each meta-batch's trials
+    ppo_lr: float = 1e-3
+    clip_eps: float = 0.2
+    # Read-only views of the run's outer optimiser for objective=ppo's check (metarun.algos.own_step).
+    outer_meta_opt: Any = META_OPT_VIEW
+    outer_weight_decay: Any = WEIGHT_DECAY_VIEW
 
 
 @register("algo", "rl2", schema=RL2Config)
@@ -105,7 +164,22 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
         raise UserError(f"algo.episodes_per_trial={a.episodes_per_trial} must be >= 1")
     if a.baseline not in BASELINES:
         raise UserError(f"algo.baseline={a.baseline} is unknown; expected one of: {', '.join(BASELINES)}")
+    objective = a.get("objective", "reinforce")  # configs saved before objective= existed ran REINFORCE
+    if objective not in OBJECTIVES:
+        raise UserError(f"algo.objective={objective} is unknown; expected one of: {', '.join(OBJECTIVES)}")
     info = {"name": a.name, "episodes_per_trial": a.episodes_per_trial, "baseline": a.baseline,
             "outer": "REINFORCE over the trial through meta_opt", "inner_steps": None}
+    if objective == "ppo":
+        for key, ok, expected in (("ppo_epochs", a.ppo_epochs >= 1, ">= 1"), ("ppo_lr", a.ppo_lr > 0, "> 0"),
+                                  ("clip_eps", a.clip_eps > 0, "> 0")):
+            if not ok:
+                raise UserError(f"algo.{key}={a[key]} must be {expected} (algo.objective=ppo)")
+        if c.train:
+            check_applies_step_unchanged(a, "algo.objective=ppo")
+        info.update({"outer": f"PPO-clip: {a.ppo_epochs} Adam epochs per meta-batch (lr {a.ppo_lr}, clip "
+                              f"{a.clip_eps}), {a.baseline} baseline, applied by meta_opt=sgd lr 1.0",
+                     "ppo_epochs": a.ppo_epochs, "ppo_lr": a.ppo_lr, "clip_eps": a.clip_eps})
     policy = c.learner(c.family.head_dim(c.phase), discrete=c.family.env.discrete)
-    return rl2(policy, c.family, a.episodes_per_trial, a.baseline, record=not c.train, info=info)
+    return rl2(policy, c.family, a.episodes_per_trial, a.baseline, record=not c.train, info=info,
+               objective=objective, ppo_epochs=a.get("ppo_epochs", 4), ppo_lr=a.get("ppo_lr", 1e-3),
+               clip_eps=a.get("clip_eps", 0.2))
