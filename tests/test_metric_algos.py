@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -26,8 +28,10 @@ from metarun.optim import make_optimizer
 from metarun.train import check_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# The paper presets NAME_omniglot_<W>w<S>s (variants such as ..._20w1s_lake30 are tested with their split).
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*_omniglot_*.yaml")
-                 if p.stem.split("_")[0] in ("protonet", "matchingnet", "relationnet"))
+                 if p.stem.split("_")[0] in ("protonet", "matchingnet", "relationnet")
+                 and re.fullmatch(r"\d+w\d+s", p.stem.split("_")[-1]))
 # 14x14 images need 3 Conv-4 blocks (14 -> 7 -> 3 -> 1); a 4th pool would leave a 0-d embedding.
 TINY = ["debug=smoke", "dataset=synthetic", "dataset.image_size=14", "dataset.classes=[12,6,6]", "learner.blocks=3",
         "learner.conv_impl=xla",
