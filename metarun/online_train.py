@@ -35,7 +35,7 @@ PLOT = "online.png"
 def online_loop(cfg, run_dir, family, algo, optimizer, state, evaluator, validator, ckpts, metrics_log,
                 wall_offset, mesh):
     """train._loop's counterpart for a task stream (same arguments, same return: the sweep score)."""
-    from metarun.train import _stop_diverged, _tensorboard, itstime  # train imports this module lazily
+    from metarun.train import _stop_diverged, _tensorboard, itstime, tested_state  # train imports this module lazily
 
     o = cfg.train.online
     tasks, meta_steps = cfg.train.steps, o.meta_steps
@@ -150,11 +150,7 @@ def online_loop(cfg, run_dir, family, algo, optimizer, state, evaluator, validat
         log.warning("online plot failed: %s", e)
         summary["plot_error"] = f"{type(e).__name__}: {e}"
 
-    params, algo_state, which = state.params, state.algo_state, "last"
-    if cfg.eval.use_best and validator is not None:
-        best = ckpts.restore_best({"params": state.params, "algo_state": state.algo_state})
-        if best is not None:
-            params, algo_state, which = best["params"], best["algo_state"], "best"
+    params, algo_state, which = tested_state(cfg, state, ckpts, validator)
     has_best = int(state.best_step) >= 0
     results = write_results(run_dir, cfg, evaluator, params, algo_state, {
         "schedule": "online", "online": summary,

@@ -71,6 +71,16 @@ def chunk_size(cfg) -> int:
     return n
 
 
+def tested_state(cfg, state, ckpts, validator):
+    """(params, algo_state, "best"|"last"): what the final test evaluates — the best validation checkpoint
+    when eval.use_best and validation ran and one was saved, else the last state."""
+    if cfg.eval.use_best and validator is not None:
+        best = ckpts.restore_best({"params": state.params, "algo_state": state.algo_state})
+        if best is not None:
+            return best["params"], best["algo_state"], "best"
+    return state.params, state.algo_state, "last"
+
+
 def itstime(step: int, every: int, last: int) -> bool:
     return every > 0 and (step % every == 0 or step == last)
 
@@ -230,11 +240,7 @@ def _loop(cfg, run_dir, family, algo, optimizer, state, evaluator, validator, ck
     bar.close()
     train_wall = wall_offset + time.perf_counter() - t0
 
-    params, algo_state, which = state.params, state.algo_state, "last"
-    if cfg.eval.use_best and validator is not None:
-        best = ckpts.restore_best({"params": state.params, "algo_state": state.algo_state})
-        if best is not None:
-            params, algo_state, which = best["params"], best["algo_state"], "best"
+    params, algo_state, which = tested_state(cfg, state, ckpts, validator)
     has_best = int(state.best_step) >= 0
     params, algo_state = sharding.local_copy((params, algo_state))
     if not primary:  # the same evaluation, so every process ends together; process 0 writes it
