@@ -93,13 +93,19 @@ def omniglot_rows(dirs) -> List[dict]:
     return sorted(rows, key=lambda x: (x["ways"], x["shots"], order.get(x["algo"], len(order)), x["algo"], x["run"]))
 
 
-def omniglot_markdown(rows) -> str:
-    lines = ["| setting | algorithm | accuracy (%) | ECE (%) | NLL | train steps | meta-batch | train wall | "
-             "test episodes | run |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for x in rows:
-        lines.append(f"| {x['ways']}-way {x['shots']}-shot | {x['algo']} | {x['accuracy']} | {x['ece']} | {x['nll']} | "
-                     f"{x['steps'] or ''} | {x['meta_batch'] or ''} | {x['wall']} | {x['episodes']} | {x['run']} |")
+def _markdown(columns, cells) -> str:
+    """A Markdown table: the header row, its rule, one row per list of cells."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
+
+
+def omniglot_markdown(rows) -> str:
+    return _markdown(
+        ["setting", "algorithm", "accuracy (%)", "ECE (%)", "NLL", "train steps", "meta-batch", "train wall",
+         "test episodes", "run"],
+        [[f"{x['ways']}-way {x['shots']}-shot", x["algo"], x["accuracy"], x["ece"], x["nll"], x["steps"] or "",
+          x["meta_batch"] or "", x["wall"], x["episodes"], x["run"]] for x in rows])
 
 
 # ---- sinusoid ------------------------------------------------------------------------------------------
@@ -146,12 +152,11 @@ def sinusoid_rows(dirs) -> List[dict]:
 
 
 def sinusoid_markdown(rows) -> str:
-    lines = ["| algorithm | test-time steps | in-range MSE | out-of-range MSE | out-of-range x | paper in-range "
-             "(recalled) | train steps | train wall | test tasks | run |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for x in rows:
-        lines.append(f"| {x['algo']} | {x['steps']} | {x['in']} | {x['out']} | {x['out_range']} | {x['paper']} | "
-                     f"{x['train_steps'] or ''} | {x['wall']} | {x['episodes']} | {x['run']} |")
-    return "\n".join(lines) + "\n"
+    return _markdown(
+        ["algorithm", "test-time steps", "in-range MSE", "out-of-range MSE", "out-of-range x",
+         "paper in-range (recalled)", "train steps", "train wall", "test tasks", "run"],
+        [[x["algo"], x["steps"], x["in"], x["out"], x["out_range"], x["paper"], x["train_steps"] or "", x["wall"],
+          x["episodes"], x["run"]] for x in rows])
 
 
 def write_block(path: Path, markers, table: str) -> None:
