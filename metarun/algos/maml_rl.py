@@ -10,9 +10,10 @@ outer: "reinforce" — the meta-gradient of that surrogate goes to `meta_opt` (A
   algorithm's own meta_step samples the support and query rollouts once, then maximises the
   importance-weighted advantage of the adapted policy on the query rollouts inside a KL trust region
   around the adapted policy at sampling time (conjugate gradient on Hessian-vector products of the KL,
-  backtracking line search; every candidate re-adapts from the same support rollouts). It returns the
-  step as "grads" = −step, so `meta_opt=sgd` with lr 1.0 applies it unchanged (the builder refuses
-  any other meta_opt: an optimiser cannot see that its input is already a step).
+  backtracking line search; every candidate re-adapts from the same support rollouts). It returns
+  "grads" = minus the parameter change it chose, so `meta_opt=sgd` with lr 1.0 applies that change
+  unchanged (the builder refuses any other meta_opt: an optimiser cannot see that its input is already
+  a step; metarun.algos.own_step).
 
 Gradients flow only through log π of recorded actions (the rollouts use stop_gradient(params)), as
 pytorch-maml-rl: the dependence of the inner rollout's sampling distribution on θ (DiCE / ProMP's
