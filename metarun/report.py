@@ -16,6 +16,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from metarun.time_to_accuracy import plot_against_wall, time_to_table
+
 FAILURE_FILE = "failure.json"
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
@@ -285,9 +287,28 @@ def plot_curves(jobs: Sequence[Job], path: Path) -> Optional[Path]:
     return path
 
 
+def _job_name(job: Job, jobs: Sequence[Job]) -> str:
+    """A job's label in the time-to table: its config label (its run dir's name when it has none)."""
+    return (job.config or job.path.name) + (f" seed={job.seed}" if len(jobs) > 1 and job.seed is not None else "")
+
+
+def _runs_by_name(jobs: Sequence[Job]) -> Dict[str, List[dict]]:
+    return {_job_name(job, jobs): job.rows for job in jobs}
+
+
+def time_to_section(jobs: Sequence[Job], thresholds: Sequence[float]) -> str:
+    """The Markdown section of `--time-to`: wall time to each validation threshold, per job."""
+    higher = {_job_name(job, jobs): (job.results or {}).get("higher_is_better", True) for job in jobs}
+    return "\n".join(["## Time to validation threshold", "",
+                      "Wall time since the run started (validation and checkpoints included, summed over "
+                      "resumed segments) at the first validation that reached each threshold.", "",
+                      time_to_table(_runs_by_name(jobs), thresholds, higher_is_better=higher)])
+
+
 # ---- the command ----------------------------------------------------------------------------
-def report(root: Path, out: Optional[Path] = None, plot: bool = True) -> dict:
-    """Summarise every run dir under `root`; writes report.md, report.csv and curves.png into `out`."""
+def report(root: Path, out: Optional[Path] = None, plot: bool = True, time_to: Sequence[float] = ()) -> dict:
+    """Summarise every run dir under `root`; writes report.md, report.csv and curves.png into `out`;
+    with `time_to` thresholds also the wall time each run took to reach them and time_to_accuracy.png."""
     from metarun.errors import UserError
     from metarun.metrics import atomic_write_text
 
@@ -318,11 +339,26 @@ def report(root: Path, out: Optional[Path] = None, plot: bool = True) -> dict:
         parts += ["", best]
     if png is not None:
         parts += ["", f"![learning curves]({png.name})"]
+    wall_png = None
+    if time_to:
+        parts += ["", time_to_section(jobs, time_to)]
+        if plot:
+            wall_png = plot_against_wall(_runs_by_name(jobs), out / "time_to_accuracy.png", time_to)
+            if wall_png is not None:
+                parts += ["", f"![validation against wall time]({wall_png.name})"]
     markdown = "\n".join(parts) + "\n"
     atomic_write_text(out / "report.md", markdown)
     atomic_write_text(out / "report.csv", csv_text(table))
-    return {"markdown": markdown, "table": table, "jobs": jobs, "png": png,
+    return {"markdown": markdown, "table": table, "jobs": jobs, "png": png, "wall_png": wall_png,
             "md_path": out / "report.md", "csv_path": out / "report.csv"}
+
+
+def _thresholds(text: str) -> List[float]:
+    from metarun.errors import UserError
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--time-to={text!r}: expected comma-separated numbers, e.g. --time-to 0.95,0.97,0.98") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -332,14 +368,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("path", type=Path, help="a run dir or a multirun dir (searched for .hydra/ folders)")
     parser.add_argument("--out", type=Path, default=None, help="where report.md/.csv/curves.png go (default: PATH)")
     parser.add_argument("--no-plot", action="store_true", help="skip the learning-curve PNG")
+    parser.add_argument("--time-to", default="", metavar="T1,T2,...",
+                        help="validation thresholds (e.g. 0.95,0.97,0.98): wall time to reach each, and "
+                             "time_to_accuracy.png (the validation metric against wall time)")
     args = parser.parse_args(argv)
     try:
-        result = report(args.path, args.out, plot=not args.no_plot)
+        thresholds = _thresholds(args.time_to)
+        result = report(args.path, args.out, plot=not args.no_plot, time_to=thresholds)
     except UserError as e:
         print(f"metarun-report: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(result["markdown"], end="")
-    written = [result["md_path"], result["csv_path"]] + ([result["png"]] if result["png"] else [])
+    written = [result["md_path"], result["csv_path"]] + [result[k] for k in ("png", "wall_png") if result[k]]
     print("wrote " + ", ".join(str(p) for p in written))
 
 

@@ -108,6 +108,9 @@ def test_a_killed_run_resumes_to_the_same_final_metrics(tmp_path, fake_omniglot_
     assert (b["mean"], b["ci95"], b["checkpoint"]) == (a["mean"], a["ci95"], a["checkpoint"])
     rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert _strip_timing(rows(cut)) == _strip_timing(rows(whole))
+    # the resumed segment's clock continues the killed one's (time to accuracy reads wall_s)
+    walls = [r["wall_s"] for r in rows(cut)]
+    assert walls == sorted(walls), walls
 
 
 def test_rerunning_into_a_dir_with_checkpoints_without_resume_is_refused(tmp_path, fake_omniglot_overrides):
