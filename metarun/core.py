@@ -43,6 +43,16 @@ def task_mapper(task_batching: str = "vmap", task_chunk: int = 1) -> Callable:
                                                batch_size=task_chunk if task_chunk > 1 else None)
 
 
+def map_copies(fn: Callable, stacked):
+    """`fn` over the leading axis of `stacked` (weight samples, particles, ensemble copies): a lax.map on
+    CPU, where vmapping per-copy weights turns every convolution into a grouped one (a Conv-4 loss +
+    gradient over 5 copies: 1.82 CPU s vmapped, 0.79 mapped, docs/bayesian.md), a vmap elsewhere.
+    Same values either way, stacked on axis 0."""
+    if resolve_task_batching("auto") == "map":
+        return jax.lax.map(fn, stacked)
+    return jax.vmap(fn)(stacked)
+
+
 def init_state(algo: MetaAlgorithm, optimizer: optax.GradientTransformation, sampler: Sampler, data,
                seed: int) -> TrainState:
     key = jax.random.PRNGKey(seed)

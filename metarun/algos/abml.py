@@ -21,6 +21,7 @@ from metarun.algos.base import Collaborators, MetaAlgorithm
 from metarun.algos.bmaml import ensemble_metrics
 from metarun.algos.dkt import check_family
 from metarun.algos.maml import check_inner
+from metarun.core import map_copies
 from metarun.errors import UserError
 from metarun.learners import Net
 from metarun.registry import register
@@ -70,7 +71,7 @@ def abml(net: Net, family, inner_lr: float, inner_steps: int, samples: int = 1, 
         del algo_state
         q = task_state["q"]
         weights = sample_weights(q, key, n_eval)
-        outputs = jax.vmap(lambda w: net.apply_query(w, query.x, task_state["support_x"]))(weights)
+        outputs = map_copies(lambda w: net.apply_query(w, query.x, task_state["support_x"]), weights)
         expected = jax.vmap(lambda o: objective(o, query.y, query.mask)[0])(outputs).mean()
         _, metrics = ensemble_metrics(family, outputs, query)
         total = expected

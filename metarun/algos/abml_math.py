@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from metarun.core import map_copies
+
 
 def diag_gaussian(params, init_log_std: float) -> dict:
     """A diagonal Gaussian {"mean": params, "log_std": init_log_std everywhere} over a params pytree."""
@@ -66,7 +68,7 @@ def variational_loss(q: dict, prior: dict, nll_fn: Callable, key, num_samples: i
       (loss, {"nll": expected NLL, "kl": KL or 0}).
     """
     weights = sample_weights(q, key, num_samples)
-    expected_nll = jax.vmap(nll_fn)(weights).mean()
+    expected_nll = map_copies(nll_fn, weights).mean()
     kl = kl_diag_gaussians(q, prior) if _uses_kl(kl_weight) else jnp.zeros((), expected_nll.dtype)
     return expected_nll + kl_weight * kl, {"nll": expected_nll, "kl": kl}
 

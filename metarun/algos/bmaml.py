@@ -23,6 +23,7 @@ from metarun.algos.base import Collaborators, MetaAlgorithm
 from metarun.algos.dkt import check_family
 from metarun.algos.maml import check_inner
 from metarun.algos.svgd import chaser_loss, svgd_steps
+from metarun.core import map_copies
 from metarun.data.tasks import Examples
 from metarun.errors import UserError
 from metarun.learners import Net
@@ -68,7 +69,7 @@ def bmaml(net: Net, family, particles: int, inner_lr: float, inner_steps: int, l
     def grad_logp(examples: Examples):
         def logp(p):
             return -objective(net.apply(p, examples.x), examples.y, examples.mask)[0]
-        return jax.vmap(jax.grad(logp))
+        return lambda stacked: map_copies(jax.grad(logp), stacked)
 
     def init(key, task):
         stacked = jax.vmap(lambda k: net.init(k, task.support.x)[0])(jax.random.split(key, particles))
@@ -82,7 +83,7 @@ def bmaml(net: Net, family, particles: int, inner_lr: float, inner_steps: int, l
     def loss(meta_params, algo_state, task_state, query, key):
         del key, algo_state
         chaser, support = task_state["particles"], task_state["support"]
-        outputs = jax.vmap(lambda p: net.apply_query(p, query.x, support.x))(chaser)
+        outputs = map_copies(lambda p: net.apply_query(p, query.x, support.x), chaser)
         _, metrics = ensemble_metrics(family, outputs, query)
         if not net.train:
             return metrics["loss"], metrics
