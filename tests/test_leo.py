@@ -66,6 +66,11 @@ def test_encoder_and_decoder_shapes():
     assert params["rates"]["latent"].shape == (4,) and params["rates"]["finetune"].shape == (6,)
     adapted = jax.eval_shape(algo.adapt, params, state, task.support, jax.random.PRNGKey(4))
     assert adapted["weights"].shape == (3, 6)
+    # Fixed rates (algo.learn_rates=false): no rates among the meta-parameters.
+    fixed = tiny_leo(learn_rates=False)
+    params, state = jax.eval_shape(fixed.init, jax.random.PRNGKey(3), task)
+    assert set(params) == {"net", "leo"}
+    assert jax.eval_shape(fixed.adapt, params, state, task.support, jax.random.PRNGKey(4))["weights"].shape == (3, 6)
 
 
 def test_stddev_is_the_authors_rule():
@@ -136,7 +141,10 @@ def test_one_latent_step_and_one_weight_step_equal_hand_computed_gradient_steps(
 def test_evaluation_decodes_means_without_dropout_or_penalties():
     algo = tiny_leo(train=False, inner_steps=1, finetune_steps=1)
     task = tiny_task(0)
-    params, state = jax.jit(algo.init)(jax.random.PRNGKey(1), task)
+    # Random values in init's shapes (no init program to compile): determinism needs no particular weights.
+    rng = np.random.default_rng(1)
+    params, state = jax.tree.map(lambda a: (0.3 * rng.normal(size=a.shape)).astype(a.dtype),
+                                 jax.eval_shape(algo.init, jax.random.PRNGKey(1), task))
 
     @jax.jit
     def two_keys(p, s):

@@ -12,6 +12,8 @@ Per episode (the authors' deepmind/leo `model.py`, in the names used here):
   adapt     `inner_steps` gradient steps on z of the support cross-entropy (decoding at every step), then
             `finetune_steps` steps on the decoded w directly; both step sizes are meta-learned per dimension
             (the authors' code: variables of shape [L] and [d] initialised to inner_lr and finetune_lr)
+  dropout   (meta-training) on the embeddings at every use: the encoder's input, each inner step's support
+            loss and the query loss draw their own masks, as the authors' code does
   outer     query cross-entropy + kl_weight KL(q(z|support) || N(0, I)) + encoder_penalty |sg(z_T) - z_0|^2
             + orthogonality_penalty mean((corr(D) - I)^2) + l2_penalty sum(|W|^2) / 2 over E, g, D
 
@@ -156,24 +158,29 @@ def clip_gradients(grads, value: float, norm: float):
 
 
 def adapt_latents(leo: dict, z: jax.Array, features, labels, objective, rates, steps: int, key=None,
-                  w_offset: float = 0.0):
+                  w_offset: float = 0.0, dropout_rate: float = 0.0):
     """z after `steps` learned-rate gradient steps on the support loss of its decoded weights (the one inner
-    loop); key None: weights are the decoder means (evaluation), else a fresh sample per step."""
+    loop). key None: the weights are the decoder means and no dropout (evaluation); else every step draws its
+    own weights and its own dropout mask of the support embeddings (the authors' code samples at each call)."""
 
     def step_loss(latents, step, _):
         mean, sigma = decode(leo, latents, w_offset)
-        w = sample_gaussian(mean, sigma, None if key is None else jax.random.fold_in(key, step))
-        return objective(features @ w.T, labels)[0], None
+        w_key, drop_key = (None, None) if key is None else jax.random.split(jax.random.fold_in(key, step))
+        x = dropout(features, dropout_rate, drop_key)
+        return objective(x @ sample_gaussian(mean, sigma, w_key).T, labels)[0], None
 
     adapted, *_ = inner_loop(step_loss, z, scale_by_learned_rates(rates), steps)
     return adapted
 
 
-def finetune_weights(w: jax.Array, features, labels, objective, rates, steps: int) -> jax.Array:
-    """w after `steps` learned-rate gradient steps on the support loss, directly in weight space."""
+def finetune_weights(w: jax.Array, features, labels, objective, rates, steps: int, key=None,
+                     dropout_rate: float = 0.0) -> jax.Array:
+    """w after `steps` learned-rate gradient steps on the support loss, directly in weight space (key: a fresh
+    dropout mask of the support embeddings per step; None: no dropout)."""
 
     def step_loss(weights, step, _):
-        return objective(features @ weights.T, labels)[0], None
+        x = dropout(features, dropout_rate, None if key is None else jax.random.fold_in(key, step))
+        return objective(x @ weights.T, labels)[0], None
 
     fitted, *_ = inner_loop(step_loss, w, scale_by_learned_rates(rates), steps)
     return fitted
@@ -220,11 +227,11 @@ def leo(body: Net, objective, ways: int, settings: LEOSettings, train: bool, inf
         w_offset = weight_scale(dim, ways)
         mean, sigma = encode(leo_params, dropout(features, s.dropout, keys[0]), support.y, ways)
         z0 = sample_gaussian(mean, sigma, keys[1])
-        inner_features = dropout(features, s.dropout, keys[2])
-        z = adapt_latents(leo_params, z0, inner_features, support.y, objective, rates["latent"], s.inner_steps,
-                          keys[3], w_offset)
-        w = sample_gaussian(*decode(leo_params, z, w_offset), keys[4])
-        w = finetune_weights(w, inner_features, support.y, objective, rates["finetune"], s.finetune_steps)
+        z = adapt_latents(leo_params, z0, features, support.y, objective, rates["latent"], s.inner_steps, keys[2],
+                          w_offset, s.dropout)
+        w = sample_gaussian(*decode(leo_params, z, w_offset), keys[3])
+        w = finetune_weights(w, features, support.y, objective, rates["finetune"], s.finetune_steps, keys[4],
+                             s.dropout)
         state = {"weights": w, "support_x": support.x}
         if train:
             state["kl"] = kl_to_standard_normal(mean, sigma)
