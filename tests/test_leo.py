@@ -97,7 +97,8 @@ def test_kl_matches_the_closed_form_and_a_numerical_integral():
 def test_orthogonality_penalty_on_hand_made_matrices():
     # Orthogonal rows of any length: correlation = identity, no penalty.
     rotation = np.array([[np.cos(0.3), np.sin(0.3), 0.0], [-np.sin(0.3), np.cos(0.3), 0.0]])
-    assert float(L.orthogonality_penalty(jnp.asarray(rotation * np.array([[2.0], [0.5]])))) == pytest.approx(0, abs=1e-7)
+    scaled_rows = rotation * np.array([[2.0], [0.5]])
+    assert float(L.orthogonality_penalty(jnp.asarray(scaled_rows))) == pytest.approx(0, abs=1e-7)
     # Rows (1, 0) and (1, 1): correlation [[1, 1/sqrt2], [1/sqrt2, 1]] -> mean of (C - I)^2 = 2 * (1/2) / 4.
     assert float(L.orthogonality_penalty(jnp.array([[1.0, 0.0], [1.0, 1.0]]))) == pytest.approx(0.25, rel=1e-6)
 
