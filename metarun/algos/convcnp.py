@@ -26,6 +26,9 @@ class ConvCNPConfig(NPBaseConfig):
 @register("algo", "convcnp", schema=ConvCNPConfig)
 def build(a, c: Collaborators) -> MetaAlgorithm:
     check_common(a, c)
+    if getattr(c.family, "input_dim", 1) != 1:  # image completion: on-the-grid ConvCNP (2-D) is not built
+        raise UserError(f"algo=convcnp is 1D (a SetConv on a line); dataset={c.family.name} has "
+                        f"{c.family.input_dim}-D inputs: use algo=cnp, np or anp")
     for key in ("points_per_unit", "grid_size", "channels", "num_layers", "kernel_size"):
         if a[key] < 1:
             raise UserError(f"algo.{key}={a[key]} must be >= 1")

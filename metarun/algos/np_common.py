@@ -14,7 +14,9 @@ model's objective (ELBO, ML or importance-weighted; metarun.algos.np_objectives)
                   gaussian_process.kl_per_target against their independent Gaussians. Latent models, whose
                   predictive is a mixture: (exact GP joint log-likelihood - model log-likelihood) / targets, an
                   unbiased estimate of the same KL over tasks (the targets are drawn from that GP) but noisy per task.
-The evaluation build also records `_plot_*` arrays (family.plots draws predictions.png from them).
+The evaluation build also records the arrays family.plots draws predictions.png from: the family's own
+`record_predictions(predict, ctx, tgt, key)` when it has one (image completion), else `_plot_*` arrays on a 1D
+grid of inputs (grid_record; the regression family).
 """
 from __future__ import annotations
 
@@ -108,6 +110,21 @@ def plot_record(ctx, tgt, x_grid, mean, std, samples=None) -> Dict[str, jax.Arra
     return record
 
 
+def grid_record(predict, ctx, tgt, key) -> Dict[str, jax.Array]:
+    """The regression family's record (1D inputs): the predictive on a GRID_POINTS grid spanning the task.
+
+    predict(ctx, x, mask, key) -> (mean [G, dy], std [G, dy], samples [S, G, dy] or None)."""
+    x_grid = grid_for(ctx, tgt)
+    mean, std, samples = predict(ctx, x_grid, jnp.ones((x_grid.shape[0],), x_grid.dtype), key)
+    return plot_record(ctx, tgt, x_grid, mean, std, samples)
+
+
+def recorder_of(family):
+    """How an evaluation build records its predictions for predictions.png: the family's `record_predictions`
+    (same signature as grid_record) when it has one, else grid_record."""
+    return getattr(family, "record_predictions", None) or grid_record
+
+
 def mixture_moments(predictive):
     """Mean and standard deviation of the equal-weight mixture of the per-sample Gaussians ([S, m, dy] -> [m, dy])."""
     mean = predictive.loc.mean(0)
@@ -130,6 +147,7 @@ def conditional_np(model, family, phase: str, info: Dict[str, Any]) -> MetaAlgor
     """A conditional model (CNP, ConvCNP): model(x_ctx, y_ctx, ctx_mask, x_tgt, tgt_mask) -> Normal [m, dy]."""
     record = phase == "eval"
     gp_prior = family.gp_prior
+    recorder = recorder_of(family)
 
     def init(key, task):
         ctx, tgt = context_of(task.support), context_of(task.query)
@@ -140,7 +158,7 @@ def conditional_np(model, family, phase: str, info: Dict[str, Any]) -> MetaAlgor
         return context_of(support)
 
     def loss(meta_params, algo_state, ctx, query, key):
-        del algo_state, key
+        del algo_state
         tgt = context_of(query)
         apply = lambda x, m: model.apply({"params": meta_params["model"]}, ctx["x"], ctx["y"], ctx["mask"], x, m)  # noqa: E731
         pred = apply(tgt["x"], tgt["mask"])
@@ -149,9 +167,13 @@ def conditional_np(model, family, phase: str, info: Dict[str, Any]) -> MetaAlgor
         if record:  # evaluation only: training needs no exact posterior (a Cholesky per task)
             if gp_prior is not None:
                 metrics["kl"] = gp_kl(gp_prior, ctx, tgt["x"], tgt["mask"], pred.loc, jnp.square(pred.scale))
-            x_grid = grid_for(ctx, tgt)
-            g = apply(x_grid, jnp.ones((x_grid.shape[0],), x_grid.dtype))
-            metrics.update(plot_record(ctx, tgt, x_grid, g.loc, g.scale))
+
+            def predict(c, x, m, k):
+                del k
+                g = model.apply({"params": meta_params["model"]}, c["x"], c["y"], c["mask"], x, m)
+                return g.loc, g.scale, None
+
+            metrics.update(recorder(predict, ctx, tgt, key))
         return nll, metrics
 
     return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info)
@@ -164,6 +186,7 @@ def latent_np(model, family, phase: str, objective: str, train_samples: int, eva
     evaluation's log-likelihood is the ML estimate with `eval_samples` draws from q(z | context)."""
     train = phase == "train"
     gp_prior = family.gp_prior
+    recorder = recorder_of(family)
 
     def init(key, task):
         ctx, tgt = context_of(task.support), context_of(task.query)
@@ -200,10 +223,13 @@ def latent_np(model, family, phase: str, objective: str, train_samples: int, eva
         if gp_prior is not None:
             total = -nll * jnp.maximum(jnp.sum(tgt["mask"]), 1.0)
             metrics["kl"] = gp_kl_from_log_likelihood(gp_prior, ctx, tgt["x"], tgt["y"], tgt["mask"], total)
-        x_grid = grid_for(ctx, tgt)
-        g = run(meta_params, ctx, x_grid, jnp.ones((x_grid.shape[0],), x_grid.dtype), grid_key, eval_samples)
-        g_mean, g_std = mixture_moments(g.predictive)
-        metrics.update(plot_record(ctx, tgt, x_grid, g_mean, g_std, g.predictive.loc[:plot_samples]))
+
+        def predict(c, x, m, k):
+            g = run(meta_params, c, x, m, k, eval_samples)
+            mean, std = mixture_moments(g.predictive)
+            return mean, std, g.predictive.loc[:plot_samples]
+
+        metrics.update(recorder(predict, ctx, tgt, grid_key))
         return nll, metrics
 
     return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info)
