@@ -53,7 +53,8 @@ def check_config(cfg) -> None:
                         "use it with mode=eval ckpt=RUN_DIR")
     build_learner(cfg.learner, None)  # a bad learner section (filters=0, ...) fails here
     side, blocks = cfg.dataset.get("image_size"), cfg.learner.get("blocks")
-    if side is not None and blocks is not None and side < 2 ** blocks:
+    # Only when the learner reads the images (dataset.uses_learner false: the Neural Processes' own model).
+    if side is not None and blocks is not None and cfg.dataset.get("uses_learner", True) and side < 2 ** blocks:
         raise UserError(f"dataset.image_size={side} is too small for learner.blocks={blocks} (each block halves "
                         f"the image): use dataset.image_size >= {2 ** blocks} or fewer learner.blocks")
     make_optimizer(cfg.meta_opt, t.steps)  # a bad meta_opt fails here
