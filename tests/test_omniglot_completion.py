@@ -1,6 +1,7 @@
 """Omniglot image completion (dataset=omniglot_completion) for the Neural Processes: the context sampler, the
-targets and coordinates, identical test tasks across algorithms, CNP permutation invariance and padding on 2-D
-contexts, one-line refusals, and a one-step training smoke on a tiny generated Omniglot (never the real data)."""
+targets and coordinates, identical test tasks across algorithms, CNP (and on-the-grid ConvCNP) permutation
+invariance and padding on 2-D contexts, one-line refusals, and a one-step training smoke on a tiny generated
+Omniglot (never the real data)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,8 @@ from conftest import compose
 from metarun.data.omniglot_completion import make_completion_sampler, pixel_coordinates, sample_context
 from metarun.errors import UserError
 
-TINY = {"cnp": ["algo.hidden=8", "algo.encoder_layers=2", "algo.decoder_layers=2"],
+TINY = {"convcnp": ["algo.channels=4", "algo.num_layers=1", "algo.image_kernel_size=3", "algo.setconv_size=3"],
+        "cnp": ["algo.hidden=8", "algo.encoder_layers=2", "algo.decoder_layers=2"],
         "np": ["algo.hidden=8", "algo.latent_dim=4", "algo.encoder_layers=2", "algo.decoder_layers=2",
                "algo.eval_samples=2", "algo.plot_samples=1"],
         "anp": ["algo.hidden=8", "algo.latent_dim=4", "algo.num_heads=2", "algo.attention_layers=1",
@@ -121,15 +123,43 @@ def test_padding_pixels_never_change_the_anp_prediction(fake_omniglot_dir):
     _assert_padding_is_ignored(*_loss_fn(fake_omniglot_dir, "anp"))
 
 
-@pytest.mark.parametrize("algo, match", [("convcnp", r"algo=convcnp is 1D .* 2-D inputs"),
-                                         ("maml", r"is image completion for the Neural Processes")])
-def test_models_that_cannot_read_images_as_functions_are_refused_in_one_line(fake_omniglot_dir, algo, match):
+def test_an_algorithm_with_a_learner_is_refused_in_one_line(fake_omniglot_dir):
     from metarun.build import load_family, make_algo
 
-    with pytest.raises(UserError, match=match) as err:
-        cfg = compose(_overrides(fake_omniglot_dir, algo) + (["learner=mlp"] if algo == "maml" else []))
+    with pytest.raises(UserError, match=r"is image completion for the Neural Processes") as err:
+        cfg = compose(_overrides(fake_omniglot_dir, "maml") + ["learner=mlp"])
         make_algo(cfg, load_family(cfg), "train")
     assert "\n" not in str(err.value)
+
+
+def test_the_grid_convcnp_patches_are_a_same_convolution():
+    """The on-the-grid ConvCNP's im2col (patches + one matmul) equals XLA's "SAME" convolution."""
+    from metarun.learners.grid_convcnp import patches
+
+    rng = np.random.default_rng(0)
+    z, w = rng.normal(size=(7, 6, 3)).astype(np.float32), rng.normal(size=(5, 5, 3, 4)).astype(np.float32)
+    ours = patches(jnp.asarray(z), 5).reshape(7, 6, 75) @ jnp.asarray(w).reshape(75, 4)
+    ref = jax.lax.conv_general_dilated(z[None], w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_the_grid_convcnp_ignores_context_order_and_padding_and_uses_the_context():
+    from metarun.learners.grid_convcnp import GridConvCNP
+
+    size = 8
+    coords = pixel_coordinates(size)
+    rng = np.random.default_rng(1)
+    pick = rng.permutation(size * size)[:20]
+    x, y = coords[pick], jnp.asarray(rng.uniform(size=(20, 1)), jnp.float32)
+    mask = (jnp.arange(20) < 12).astype(jnp.float32)
+    model = GridConvCNP(image_size=size, channels=4, num_layers=1, kernel_size=3, setconv_size=3)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), x, y, mask, coords)
+    predict = jax.jit(lambda x_, y_, m_: model.apply(params, x_, y_, m_, coords).loc)
+    base = predict(x, y, mask)
+    order = np.r_[rng.permutation(12), np.arange(12, 20)]
+    np.testing.assert_allclose(predict(x[order], y[order], mask[order]), base, atol=1e-5)
+    np.testing.assert_allclose(predict(x.at[12:].set(0.3), y.at[12:].set(jnp.nan), mask), base, atol=1e-5)
+    assert float(jnp.abs(predict(x, y, (jnp.arange(20) < 3).astype(jnp.float32)) - base).max()) > 1e-4
 
 
 def test_a_context_larger_than_the_image_is_one_line(fake_omniglot_dir):
@@ -141,7 +171,7 @@ def test_a_context_larger_than_the_image_is_one_line(fake_omniglot_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo, small", [("cnp", False), ("anp", True)])  # anp on 28x28 compiles for ~30 s
+@pytest.mark.parametrize("algo, small", [("cnp", False), ("anp", True), ("convcnp", True)])  # anp on 28x28 compiles for ~30 s
 def test_one_training_step_writes_results_and_the_completion_grid(fake_omniglot_dir, tmp_path, algo, small):
     from metarun.train import run
 
