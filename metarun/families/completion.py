@@ -41,7 +41,8 @@ class ImageCompletionFamily(RegressionFamily):
         self.data = {s: {"images": jnp.asarray(images.images[s])} for s in SPLITS}
         pixels = self.image_size * self.image_size
         self.plot_sizes = tuple(min(k, pixels) for k in PLOT_CONTEXT_SIZES)
-        self.plot_pixels = np.asarray(jax.random.permutation(jax.random.PRNGKey(PLOT_SEED), pixels)[:max(self.plot_sizes)])
+        order = jax.random.permutation(jax.random.PRNGKey(PLOT_SEED), pixels)
+        self.plot_pixels = np.asarray(order[:max(self.plot_sizes)])
 
     def sampler(self, split: str):
         if split in self.counts and self.counts[split] == 0:

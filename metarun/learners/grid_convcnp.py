@@ -64,7 +64,8 @@ class GridConvCNP(nn.Module):
         for i in range(self.num_layers):  # residual blocks keep the pixel-level detail of the normalised signal
             # A k x k "SAME" convolution as shifted copies and one Dense (im2col): XLA's CPU convolutions run ~70x
             # slower inside a while loop (the trainer's lax.scan over steps) than outside; matmuls do not.
-            h = h + nn.Dense(self.channels, name=f"conv{i}")(patches(nn.relu(h), kk).reshape(s, s, kk * kk * self.channels))
+            window = patches(nn.relu(h), kk).reshape(s, s, kk * kk * self.channels)
+            h = h + nn.Dense(self.channels, name=f"conv{i}")(window)
         features = h.reshape(s * s, self.channels)[pixel_index(x_tgt, s)]
         features = nn.relu(MLP([self.channels, self.channels], name="readout")(nn.relu(features)))
         return gaussian_head(features, dy, self.min_std)
