@@ -219,6 +219,9 @@ def check_against_family(eval_cfg, family, split: str) -> None:
 
 def run_continual(cfg, family, params, algo_state, run_dir=None) -> dict:
     """The protocol for a trained run of `cfg`: results.json's `continual` section; writes the curve PNG."""
+    own = getattr(family, "run_continual", None)
+    if own is not None:  # a family with its own protocol (regression streams: metarun.continual_regression)
+        return own(cfg, params, algo_state, run_dir)
     split = cfg.eval.split
     check_against_family(cfg.eval, family, split)
     builder = fast_slow_builder(cfg.algo.name)

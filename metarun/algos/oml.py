@@ -27,6 +27,7 @@ from metarun.algos.base import Collaborators, MetaAlgorithm
 from metarun.errors import UserError
 from metarun.fast_slow import FastSlow
 from metarun.inner import inner_loop
+from metarun.learners.continual_mlp import OMLMLP
 from metarun.learners.continual_nets import HEAD, ANMLNet, OMLNet, min_image_side, pln_apply
 from metarun.registry import register
 
@@ -64,13 +65,16 @@ def fresh_head(key, fan_in: int, outputs: int):
 
 
 def oml(module, objective, inner_lr: float, adapted: str = "pln", first_order: bool = False, train: bool = True,
-        eval_ways: int = 0, info=None) -> MetaAlgorithm:
+        eval_ways: int = 0, info=None, reset_head: bool = True, step_batch: int = 1) -> MetaAlgorithm:
     """Builds OML / ANML over a continual net (`OMLNet` / `ANMLNet` with out_dim = training classes).
 
     adapted: "pln" (OML: the RLN is fixed inside the inner loop, its features computed once per trajectory)
       or "prediction" (ANML: the prediction network's convolutions and its PLN learn, the NM gates fixed).
     train: the training build resets the trajectory classes' head rows; the evaluation build (stream
       episodes: labels 0..eval_ways-1) learns a fresh `eval_ways`-output head on the frozen representation.
+    reset_head: False for regression streams (incremental sine): the PLN starts from the meta-learned one, as
+      mrcl's regression code does (no class rows to reset).
+    step_batch: examples per inner SGD step, consecutive in the support's order (mrcl's sine: 32 points).
     """
     if adapted not in ADAPTED:
         raise UserError(f"algo.adapt={adapted} is unknown; expected one of: {', '.join(ADAPTED)}")
@@ -85,18 +89,23 @@ def oml(module, objective, inner_lr: float, adapted: str = "pln", first_order: b
         del algo_state
         params = meta_params["net"]
         n = support.y.shape[0]
-        if train:
+        if not reset_head:
+            head = params["pln"][HEAD]
+        elif train:
             head = reset_rows(key, params["pln"][HEAD], support.y)
         else:
             head = fresh_head(key, params["pln"][HEAD]["kernel"].shape[0], eval_ways)
         pln = {**params["pln"], HEAD: head}
         if adapted == "pln" or not train:
             features = call(params, support.x, "represent")   # the RLN does not change inside the loop
+            steps = n // step_batch                            # step i learns examples i*B..(i+1)*B-1
+            features = features.reshape((steps, step_batch) + features.shape[1:])
+            targets = support.y.reshape((steps, step_batch) + support.y.shape[1:])
 
             def example_loss(p, i):
-                return objective(pln_apply(p, features[i][None]), support.y[i][None])[0]
+                return objective(pln_apply(p, features[i]), targets[i])[0]
 
-            pln, seen = sequential_sgd(example_loss, pln, n, inner_lr, support.y, first_order)
+            pln, seen = sequential_sgd(example_loss, pln, steps, inner_lr, targets[:, 0], first_order)
             return {"net": {**params, "pln": pln}, "seen": seen}
         gates = call(params, support.x, "gates")              # the NM network does not change inside the loop
 
@@ -126,27 +135,34 @@ def fast_slow(algo_cfg, c: Collaborators, params, algo_state) -> FastSlow:
 
 def build_continual(a, c: Collaborators, name: str, needs_gates: bool = False) -> MetaAlgorithm:
     """The shared builder of oml and anml: checks the family and learner, then `oml(...)`."""
-    if c.family.kind != "stream":
-        raise UserError(f"algo={name} meta-learns from class streams: use task=stream (task.family=stream); "
-                        f"dataset={c.family.name} is read as {c.family.kind} tasks")
+    regression = c.family.kind == "regression_stream"
+    if c.family.kind != "stream" and not regression:
+        raise UserError(f"algo={name} meta-learns from class or function streams: use task=stream "
+                        f"(task.family=stream) or dataset=incremental_sine; dataset={c.family.name} is read as "
+                        f"{c.family.kind} tasks")
     module = c.learner(c.family.head_dim(c.phase))
-    if not isinstance(module, (OMLNet, ANMLNet)) or (needs_gates and not isinstance(module, ANMLNet)):
-        wanted = "learner=anml_net" if needs_gates else "learner=oml_net or learner=anml_net"
+    nets = (OMLMLP,) if regression and not needs_gates else (ANMLNet,) if needs_gates else (OMLNet, ANMLNet)
+    if not isinstance(module, nets):
+        wanted = ("learner=oml_mlp" if regression and not needs_gates else "learner=anml_net" if needs_gates
+                  else "learner=oml_net or learner=anml_net")
         raise UserError(f"algo={name} needs a representation and a prediction network: {wanted} "
                         f"(learner={c.learner_cfg.name} has no such split)")
     if a.adapt == "prediction" and not isinstance(module, ANMLNet):
         raise UserError("algo.adapt=prediction adapts ANML's prediction network: use learner=anml_net or "
                         "algo.adapt=pln")
-    side, need = min(c.family.image_shape[:2]), min_image_side(module)
+    side, need = (1, 1) if regression else (min(c.family.image_shape[:2]), min_image_side(module))
     if side < need:
         raise UserError(f"dataset.image_size={side} is too small for learner={c.learner_cfg.name} (valid convolutions "
                         f"need >= {need} pixels): use dataset.image_size >= {need}")
     if not a.inner_lr > 0:
         raise UserError(f"algo.inner_lr={a.inner_lr} must be > 0")
+    step_batch = int(getattr(c.family, "step_batch", 1))
     info = {"name": name, "inner_lr": a.inner_lr, "first_order": bool(a.first_order), "adapt": a.adapt,
-            "inner_optimizer": "sgd", "inner_batch": 1, "outputs": c.family.head_dim("train"),
-            "head_reset": "trajectory classes' rows re-initialised inside adapt (meta-parameters keep theirs)"}
-    return oml(module, c.family.objective, a.inner_lr, a.adapt, a.first_order, c.train, c.family.ways("eval"), info)
+            "inner_optimizer": "sgd", "inner_batch": step_batch, "outputs": c.family.head_dim("train"),
+            "head_reset": ("none: the PLN starts from the meta-learned one (mrcl's regression)" if regression else
+                           "trajectory classes' rows re-initialised inside adapt (meta-parameters keep theirs)")}
+    return oml(module, c.family.objective, a.inner_lr, a.adapt, a.first_order, c.train, c.family.ways("eval"), info,
+               reset_head=not regression, step_batch=step_batch)
 
 
 @dataclass
