@@ -137,9 +137,9 @@ def build_continual(a, c: Collaborators, name: str, needs_gates: bool = False) -
     """The shared builder of oml and anml: checks the family and learner, then `oml(...)`."""
     regression = c.family.kind == "regression_stream"
     if c.family.kind != "stream" and not regression:
-        raise UserError(f"algo={name} meta-learns from class or function streams: use task=stream "
-                        f"(task.family=stream) or dataset=incremental_sine; dataset={c.family.name} is read as "
-                        f"{c.family.kind} tasks")
+        raise UserError(f"algo={name} meta-learns from class streams: use task=stream (task.family=stream); "
+                        f"dataset={c.family.name} is read as {c.family.kind} tasks (function streams: "
+                        f"experiment=oml_incremental_sine)")
     module = c.learner(c.family.head_dim(c.phase))
     nets = (OMLMLP,) if regression and not needs_gates else (ANMLNet,) if needs_gates else (OMLNet, ANMLNet)
     if not isinstance(module, nets):
