@@ -1,7 +1,7 @@
 """The continual protocol of regression streams: OML's incremental sine evaluation (mrcl's evaluate_regression.py).
 
 Each of `eval.continual_runs` runs draws `task.test_ways` fresh sine functions (amplitude, phase) and their points
-from numpy `default_rng([eval.seed, stream, functions])` alone — every algorithm is scored on the same functions
+from numpy `default_rng([eval.seed, stream, functions, run])` alone — every algorithm is scored on the same functions
 — and learns them one after another with the representation frozen: the PLN, starting from the meta-learned one,
 takes one optimiser step (eval.continual_optimizer; mrcl: SGD) per `dataset.step_batch` consecutive points of
 `task.test_shots` per function, one pass. After each function it is scored on `task.test_queries` held-out
@@ -43,13 +43,16 @@ VAL_STREAM, TEST_STREAM = 1, 0
 
 def function_draws(seed: int, functions: int, runs: int, shots: int, held_out: int, amplitude, phase, x_range,
                    stream: int = TEST_STREAM) -> dict:
-    """The runs' functions and points from (seed, stream, functions) alone: amplitude/phase [R, F], x_train
-    [R, F, shots], x_held [R, F, held_out] (float32)."""
-    rng = np.random.default_rng([int(seed), int(stream), int(functions)])
-    out = {"amplitude": rng.uniform(*amplitude, (runs, functions)), "phase": rng.uniform(*phase, (runs, functions)),
-           "x_train": rng.uniform(*x_range, (runs, functions, shots)),
-           "x_held": rng.uniform(*x_range, (runs, functions, held_out))}
-    return {k: v.astype(np.float32) for k, v in out.items()}
+    """The runs' functions and points: amplitude/phase [R, F], x_train [R, F, shots], x_held [R, F, held_out]
+    (float32). Run r's come from numpy default_rng([seed, stream, functions, r]) alone: the first runs are the
+    same whatever the number of runs."""
+    def one(run):
+        rng = np.random.default_rng([int(seed), int(stream), int(functions), run])
+        return {"amplitude": rng.uniform(*amplitude, functions), "phase": rng.uniform(*phase, functions),
+                "x_train": rng.uniform(*x_range, (functions, shots)), "x_held": rng.uniform(*x_range, (functions, held_out))}
+
+    runs_drawn = [one(r) for r in range(int(runs))]
+    return {k: np.stack([d[k] for d in runs_drawn]).astype(np.float32) for k in runs_drawn[0]}
 
 
 def make_runs(represent, slots: int, step_batch: int, optimizer: str):
@@ -154,7 +157,7 @@ def run_continual_regression(cfg, family, params, algo_state, run_dir=None) -> d
             "runs": int(cfg.eval.continual_runs), "val_runs": int(cfg.eval.continual_val_runs) if
             len(cfg.eval.continual_lrs) > 1 else 0, "lrs": [float(v) for v in cfg.eval.continual_lrs],
             "optimizer": cfg.eval.continual_optimizer, "pln": "meta-learned (not reset)",
-            "draws": f"numpy default_rng([eval.seed={cfg.eval.seed}, {TEST_STREAM}, functions])",
+            "draws": f"numpy default_rng([eval.seed={cfg.eval.seed}, {TEST_STREAM}, functions, run])",
             "metric": "mse (lower is better); forgetting >= 0 = MSE rise from its best; backward_transfer < 0 = "
                       "later functions raised earlier ones' MSE",
             "wall_s": round(time.perf_counter() - start, 3), "plots": []}

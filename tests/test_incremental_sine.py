@@ -121,6 +121,9 @@ def test_function_draws_are_deterministic_from_the_seed_and_stream():
     first, again = function_draws(*args), function_draws(*args)
     for k in first:
         assert np.array_equal(first[k], again[k])
+    more_runs = function_draws(3, 10, 7, *args[3:])
+    for k in first:   # run r's functions do not depend on how many runs are drawn
+        assert np.array_equal(more_runs[k][:4], first[k])
     other_seed = function_draws(4, *args[1:])
     val = function_draws(*args, stream=VAL_STREAM)
     assert not np.array_equal(first["amplitude"], other_seed["amplitude"])
