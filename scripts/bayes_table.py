@@ -59,11 +59,16 @@ def _trained(run_dir: Path, results: dict) -> Path:
 
 
 def _stat(entry: Optional[dict], scale: float = 1.0, digits: int = 2) -> str:
+    """"mean ± ci" with `digits` decimals; values too small or too large for them in 3 significant digits
+    (a noiseless sine fitted to 1e-6, a diverged 1e9)."""
     if not entry or entry.get("mean") is None:
         return "—" if not entry else "diverged"
-    ci = entry.get("ci95")
-    return f"{entry['mean'] * scale:.{digits}f} ± {ci * scale:.{digits}f}" if ci is not None else \
-        f"{entry['mean'] * scale:.{digits}f}"
+    mean, ci = entry["mean"] * scale, entry.get("ci95")
+
+    def fmt(v):
+        return f"{v:.{digits}f}" if v == 0 or 10 ** -digits <= abs(v) < 1e5 else f"{v:.3g}"
+
+    return f"{fmt(mean)} ± {fmt(ci * scale)}" if ci is not None else fmt(mean)
 
 
 def _wall(seconds) -> str:
