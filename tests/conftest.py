@@ -200,6 +200,13 @@ def _compilation_cache(tmp_path_factory):
     identical programs (the same tiny config in many tests) would otherwise be compiled again each time."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    cache = str(tmp_path_factory.mktemp("xla_cache"))
+    jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    yield
+    # The tests that run `metarun` in a subprocess (the CLI, kill-and-resume, sweeps) start a fresh
+    # interpreter per run: through the environment they share this session's cache too, so the second
+    # and later runs of one tiny config load its programs instead of compiling them again.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAX_COMPILATION_CACHE_DIR", cache)
+        mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+        yield
