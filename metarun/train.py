@@ -59,6 +59,25 @@ def check_config(cfg) -> None:
                         f"the image): use dataset.image_size >= {2 ** blocks} or fewer learner.blocks")
     make_optimizer(cfg.meta_opt, t.steps)  # a bad meta_opt fails here
     check_schedule(cfg)  # train.schedule and, when online, train.online.*
+    check_cpu_vmap_conv(cfg)
+
+
+def check_cpu_vmap_conv(cfg) -> None:
+    """Refuses the one combination known to give wrong meta-gradients: on XLA's CPU backend (jax 0.10.2) a
+    jitted meta-step that vmaps tasks (task_batching=vmap, or task_chunk > 1 inside lax.map) through XLA's
+    convolution disagrees with the per-task gradients' mean by up to 0.8 (eager or lax.map: 1e-7);
+    tests/test_fast_paths.py keeps the reproducer. Defaults never pick it on CPU (auto: im2col, map)."""
+    from metarun.core import resolve_task_batching
+    from metarun.learners.conv4 import resolve_conv_impl
+
+    t, impl = cfg.train, cfg.learner.get("conv_impl")
+    if impl is None or jax.default_backend() != "cpu" or resolve_conv_impl(impl) != "xla":
+        return
+    if resolve_task_batching(t.task_batching) == "vmap" or t.task_chunk > 1:
+        raise UserError(f"learner.conv_impl=xla with train.task_batching={t.task_batching}, train.task_chunk="
+                        f"{t.task_chunk} vmaps tasks through XLA's CPU convolution, which gives wrong "
+                        "meta-gradients on this backend (docs/performance.md): use learner.conv_impl=im2col "
+                        "(or auto), or train.task_batching=map with train.task_chunk=1")
 
 
 def chunk_size(cfg) -> int:

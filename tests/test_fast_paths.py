@@ -170,3 +170,47 @@ def test_map_copies_equals_vmap_values_and_gradients():
     assert jax.default_backend() != "cpu" or "scan" in str(jax.make_jaxpr(f)(w))  # really mapped on CPU
     assert jnp.allclose(f(w), g(w), rtol=1e-6)
     assert jnp.allclose(jax.grad(f)(w), jax.grad(g)(w), rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_vmap_through_xla_conv_is_refused_in_one_line():
+    """train.check_cpu_vmap_conv: the combination whose jitted meta-gradients are wrong on XLA CPU is refused."""
+    import jax
+    from conftest import compose
+    from metarun.errors import UserError
+    from metarun.train import check_cpu_vmap_conv
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the refusal is for XLA's CPU backend")
+    base = ["dataset=synthetic", "learner.conv_impl=xla"]
+    for bad in (["train.task_batching=vmap"], ["train.task_chunk=2"]):
+        with pytest.raises(UserError, match="learner.conv_impl=im2col") as e:
+            check_cpu_vmap_conv(compose(base + bad))
+        assert "\n" not in str(e.value)
+    check_cpu_vmap_conv(compose(base))                                            # map, chunk 1: fine
+    check_cpu_vmap_conv(compose(["dataset=synthetic", "train.task_batching=vmap"]))  # auto conv = im2col: fine
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="XLA CPU (jax 0.10.2): jit(vmap) of the meta-step through XLA's conv gives "
+                   "wrong meta-gradients; when this passes, lift train.check_cpu_vmap_conv")
+def test_jitted_vmap_meta_gradient_through_xla_conv_equals_the_per_task_mean():
+    import jax
+    import jax.numpy as jnp
+    from metarun.algos.base import meta_step
+    from metarun.algos.maml import maml
+    from metarun.core import task_mapper
+    from metarun.data.synthetic import make_synthetic_classes
+    from metarun.data.tasks import make_image_sampler, sample_batch
+    from metarun.families.classification import classification_objective
+    from metarun.learners import Net
+    from metarun.learners.conv4 import Conv4
+
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
+    images = jnp.asarray(make_synthetic_classes(10, 6, 8, 0.2, seed=0))
+    tasks = sample_batch(make_image_sampler(3, 1, 2), images, jax.random.PRNGKey(0), 2)
+    algo = maml(Net(Conv4(out_dim=3, filters=4, blocks=2, conv_impl="xla")), classification_objective, 0.4, 1, True)
+    params, algo_state = algo.init(jax.random.PRNGKey(1), jax.tree.map(lambda x: x[0], tasks))
+    key = jax.random.PRNGKey(2)
+    mapped = jax.jit(lambda p: meta_step(algo, p, algo_state, tasks, key, task_mapper("map"))[0])(params)
+    vmapped = jax.jit(lambda p: meta_step(algo, p, algo_state, tasks, key, task_mapper("vmap"))[0])(params)
+    assert np.abs(flat(vmapped) - flat(mapped)).max() < 1e-5
