@@ -134,11 +134,11 @@ def test_an_algorithm_with_a_learner_is_refused_in_one_line(fake_omniglot_dir):
 
 def test_the_grid_convcnp_patches_are_a_same_convolution():
     """The on-the-grid ConvCNP's im2col (patches + one matmul) equals XLA's "SAME" convolution."""
-    from metarun.learners.grid_convcnp import patches
+    from metarun.learners.im2col import windows
 
     rng = np.random.default_rng(0)
     z, w = rng.normal(size=(7, 6, 3)).astype(np.float32), rng.normal(size=(5, 5, 3, 4)).astype(np.float32)
-    ours = patches(jnp.asarray(z), 5).reshape(7, 6, 75) @ jnp.asarray(w).reshape(75, 4)
+    ours = windows(jnp.asarray(z), (5, 5)) @ jnp.asarray(w).reshape(75, 4)
     ref = jax.lax.conv_general_dilated(z[None], w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
     np.testing.assert_allclose(ours, ref, atol=1e-4)
 

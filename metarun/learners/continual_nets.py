@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from metarun.errors import UserError
+from metarun.learners import im2col
 from metarun.learners.conv4 import max_pool_2x2
 from metarun.registry import register
 
@@ -32,11 +33,7 @@ def conv3x3_valid(x: jax.Array, kernel: jax.Array, stride: int = 1, impl: str = 
     if impl == "xla":
         return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "VALID",
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    b, h, w, c = x.shape
-    oh, ow = (h - 3) // stride + 1, (w - 3) // stride + 1
-    patches = jnp.concatenate([x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
-                               for i in range(3) for j in range(3)], axis=-1)
-    return (patches.reshape(b * oh * ow, 9 * c) @ kernel.reshape(9 * c, -1)).reshape(b, oh, ow, -1)
+    return im2col.conv(x, kernel, stride, "VALID")
 
 
 def valid_side(side: int, strides: Sequence[int], pools: Sequence[bool] = ()) -> int:

@@ -9,23 +9,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metarun.learners import im2col
 from metarun.learners.batchnorm import BatchNorm, BatchNormMode
 from metarun.learners.initializers import check_init, kernel_init
 from metarun.registry import register
 
 
 def conv3x3_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """'SAME' 3x3 convolution as nine shifted slices and one matmul.
-
-    XLA's CPU convolution is ~3x slower than a matmul of the same size, and under vmap with
-    per-task weights it becomes a grouped convolution; as a matmul it becomes a batched matmul.
-    """
-    b, h, w, c = x.shape
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    patches = jnp.concatenate(
-        [padded[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], axis=-1)
-    out = patches.reshape(b * h * w, 9 * c) @ kernel.reshape(9 * c, -1)
-    return out.reshape(b, h, w, -1)
+    """'SAME' 3x3 convolution as nine shifted slices and one matmul (metarun.learners.im2col: why)."""
+    return im2col.conv(x, kernel)
 
 
 def conv3x3_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -8,14 +8,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from metarun.learners import im2col
 from metarun.learners.neural_process import MLP, clean_context, gaussian_head
-
-
-def patches(z, k: int):
-    """[H, W, k*k, C]: the k x k neighbourhood of every pixel of z [H, W, C] (zero padding, "SAME")."""
-    h, w = z.shape[:2]
-    padded = jnp.pad(z, ((k // 2, k - 1 - k // 2), (k // 2, k - 1 - k // 2), (0, 0)))
-    return jnp.stack([padded[i:i + h, j:j + w] for i in range(k) for j in range(k)], 2)
 
 
 def pixel_index(x, image_size: int):
@@ -54,7 +48,7 @@ class GridConvCNP(nn.Module):
         kernel = nn.softplus(self.param("setconv", nn.initializers.normal(0.1), (k * k,)))  # positive, like RBF weights
 
         def smooth(z):  # the same positive kernel on every channel (depthwise)
-            return jnp.einsum("hwkc,k->hwc", patches(z, k), kernel)
+            return jnp.einsum("hwkc,k->hwc", im2col.windows(z, (k, k)).reshape(s, s, k * k, z.shape[-1]), kernel)
 
         d = smooth(density)
         signal = smooth(data) / (d + 1e-6)
@@ -62,9 +56,8 @@ class GridConvCNP(nn.Module):
         h = nn.Dense(self.channels, name="lift")(jnp.concatenate([d / (k * k), signal], -1))
         kk = self.kernel_size
         for i in range(self.num_layers):  # residual blocks keep the pixel-level detail of the normalised signal
-            # A k x k "SAME" convolution as shifted copies and one Dense (im2col): XLA's CPU convolutions run ~70x
-            # slower inside a while loop (the trainer's lax.scan over steps) than outside; matmuls do not.
-            window = patches(nn.relu(h), kk).reshape(s, s, kk * kk * self.channels)
+            # A k x k "SAME" convolution as one Dense over im2col windows (metarun.learners.im2col: why not XLA's).
+            window = im2col.windows(nn.relu(h), (kk, kk))
             h = h + nn.Dense(self.channels, name=f"conv{i}")(window)
         features = h.reshape(s * s, self.channels)[pixel_index(x_tgt, s)]
         features = nn.relu(MLP([self.channels, self.channels], name="readout")(nn.relu(features)))

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metarun.learners import im2col
+
 # Name of the flax RNG stream the latent models draw z from: apply(..., rngs={LATENT_RNG: key}).
 LATENT_RNG = "latent"
 
@@ -209,10 +211,7 @@ def conv1d_same(h, kernel):
     as k shifted copies and one matmul (im2col): XLA's CPU convolutions run ~60x slower inside a lax.scan (the
     trainer's loop over steps) than outside (jax 0.10.2); matmuls do not. Padding as XLA's for any k: (k-1)//2
     zeros before, k//2 after."""
-    g, k = h.shape[0], kernel.shape[0]
-    padded = jnp.pad(h, (((k - 1) // 2, k // 2), (0, 0)))
-    window = jnp.concatenate([padded[i:i + g] for i in range(k)], -1)  # [G, k * C_in], tap-major like the kernel
-    return window @ kernel.reshape(-1, kernel.shape[-1])
+    return im2col.conv(h, kernel)
 
 
 class Conv1DSame(nn.Module):
