@@ -25,12 +25,16 @@ def _kernels(overrides, side=8):
     ("lecun", lambda fan_in, fan_out: 1 / fan_in),
     ("xavier", lambda fan_in, fan_out: 2 / (fan_in + fan_out)),
     ("kaiming", lambda fan_in, fan_out: 2 / fan_in),
+    ("torch", lambda fan_in, fan_out: 1 / (3 * fan_in)),  # U(+-1/sqrt(fan_in)): PyTorch's Conv2d/Linear default
 ])
 def test_init_variance(scheme, variance):
     kernel = np.asarray(kernel_init(scheme, None)(jax.random.PRNGKey(0), (3, 3, 64, 32)))  # 18432 draws
     fan_in, fan_out = 9 * 64, 9 * 32  # a conv kernel's fans count its receptive field
     np.testing.assert_allclose(kernel.var(), variance(fan_in, fan_out), rtol=0.05)
     assert abs(kernel.mean()) < 4 * np.sqrt(variance(fan_in, fan_out) / kernel.size)
+    if scheme == "torch":  # uniform, bounded by 1/sqrt(fan_in) like torch's, and filling that range
+        bound = 1 / np.sqrt(fan_in)
+        assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.99 * bound
 
 
 def test_conv4_kernels_follow_learner_init():

@@ -17,6 +17,9 @@ INITIALIZERS = {
     "xavier": nn.initializers.xavier_uniform,      # uniform, variance 2 / (fan_in + fan_out) (Glorot & Bengio 2010)
     "kaiming": nn.initializers.kaiming_normal,     # truncated normal, variance 2 / fan_in (He et al. 2015)
     "orthogonal": nn.initializers.orthogonal,      # kernel reshaped to [fan_in, out] has orthonormal columns
+    # PyTorch's nn.Conv2d / nn.Linear default (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)), variance
+    # 1 / (3 fan_in) -- what the PyTorch MAML code (and scripts/peer_maml_train.py) starts from. Biases stay zero.
+    "torch": lambda: nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
 }
 CHOICES = ("default",) + tuple(INITIALIZERS)
 
