@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,23 @@ def _results(run_dir):
 def _rows(run_dir):
     return [{k: v for k, v in _strict_json(line).items() if k not in TIMING}
             for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def syn_run(tmp_path_factory):
+    """One finished run of SYN (10 steps), trained once for the module; tests take a copy (syn_copy)."""
+    run_dir = tmp_path_factory.mktemp("syn_run")
+    _run(SYN, run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def syn_copy(syn_run, tmp_path):
+    """A private copy of the finished SYN run, as if `_run(SYN, dest)` had just been called."""
+    def copy(dest=tmp_path):
+        shutil.copytree(syn_run, dest, dirs_exist_ok=True)
+        return dest
+    return copy
 
 
 def _ckpt_steps(run_dir, which="last"):
@@ -97,8 +115,8 @@ def test_skip_step_drops_every_nonfinite_step_and_results_stay_strict_json(tmp_p
 
 
 # ---- 2. resume takes the run's own config -------------------------------------------------
-def test_resume_uses_the_saved_config_and_refuses_unsafe_overrides(tmp_path):
-    _run(SYN, tmp_path)
+def test_resume_uses_the_saved_config_and_refuses_unsafe_overrides(tmp_path, syn_copy):
+    syn_copy()  # _run(SYN, tmp_path)
     before = _results(tmp_path)
     saved = (tmp_path / "run_config.yaml").read_text()
     # `metarun resume=true hydra.run.dir=RUN`: the composed config is the defaults; only the CLI overrides count.
@@ -127,11 +145,11 @@ def test_resume_in_a_directory_without_a_run_says_so(tmp_path):
 
 
 # ---- 3. best validation score survives resume; a resumed run equals an uninterrupted one -----
-def test_resumed_run_matches_uninterrupted_including_best_val(tmp_path):
+def test_resumed_run_matches_uninterrupted_including_best_val(tmp_path, syn_copy):
     full, cut = tmp_path / "full", tmp_path / "cut"
     over = SYN + ["train.steps=20"]
     _run(over, full)
-    _run(SYN + ["train.steps=10"], cut)            # stopped at step 10 (constant lr: same trajectory)
+    syn_copy(cut)                                  # SYN stopped at step 10 (constant lr: same trajectory)
     _run(over + ["resume=true"], cut)              # then continued to 20
     a, b = _results(full), _results(cut)
     assert a["best_val_score"] is not None and a["best_val_step"] is not None
@@ -143,8 +161,8 @@ def test_resumed_run_matches_uninterrupted_including_best_val(tmp_path):
 
 
 # ---- 4. a damaged newest checkpoint falls back to the previous good step ---------------------
-def test_torn_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, caplog):
-    _run(SYN, tmp_path)
+def test_torn_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, caplog, syn_copy):
+    syn_copy()  # _run(SYN, tmp_path)
     before = _results(tmp_path)
     newest = tmp_path / "checkpoints" / "last" / "10"
     data = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
