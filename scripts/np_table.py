@@ -20,6 +20,7 @@ from typing import List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bayes_table import _config, _load, _markdown, _stat, find_results, write_block  # noqa: E402
+from results_table import _hydra  # noqa: E402
 
 MARKERS = ("<!-- np-table:begin -->", "<!-- np-table:end -->")
 DATA_ORDER = ("eq", "matern52", "weakly_periodic", "sawtooth")
@@ -29,6 +30,7 @@ ALGO_ORDER = ("cnp", "np", "anp", "convcnp", "maml", "metasgd")
 PUBLISHED_KL = {"cnp": (0.54, 0.54, 0.67), "np": (0.34, 0.36, 0.61), "anp": (0.31, 0.30, 0.53),
                 "convcnp": (0.41, 0.40, 0.40)}
 PUBLISHED_SAWTOOTH_LL = {"cnp": -0.18, "anp": 0.20, "convcnp": 3.17}
+PUBLISHED_REFERENCE_KL = {"diagonal GP": (0.40, 0.40, 0.38), "trivial": (1.19, 1.08, 0.82)}
 REFERENCES = (("exact GP", "exact_gp_log_likelihood", None), ("diagonal GP", "diagonal_gp_log_likelihood",
               "diagonal_gp_kl"), ("trivial", "trivial_log_likelihood", "trivial_kl"))
 
@@ -48,12 +50,15 @@ def published(algo: str, data: str) -> str:
     return "" if value is None else f"KL {value[DATA_ORDER.index(data)]:g}"
 
 
+def label(data: str, regime: str) -> str:
+    """The table's data cell: the dataset (kernel), with the test regime when it is not interpolation."""
+    return data + ("" if regime in ("interpolation", "") else f" ({regime})")
+
+
 def command(run_dir: Path) -> str:
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.exists():
+    if not (run_dir / ".hydra" / "overrides.yaml").exists():
         return ""
-    overrides = [line[2:].strip() for line in path.read_text().splitlines() if line.startswith("- ")]
-    shown = [o for o in overrides if not o.startswith(("hydra.", "train.progress"))]
+    shown = [o for o in _hydra(run_dir)[1] if not o.startswith(("hydra.", "train.progress"))]
     return "`python -m metarun " + " ".join(shown) + "`"
 
 
@@ -76,7 +81,7 @@ def np_rows(dirs) -> List[dict]:
             "log_likelihood": _stat(metrics.get("log_likelihood") if "log_likelihood" in metrics else (
                 {"mean": r["mean"], "ci95": r["ci95"]} if r.get("metric") == "log_likelihood" else None), 1.0, 3),
             "kl": _stat(metrics.get("kl"), 1.0, 3), "mse": _stat(mse, 1.0, 3),
-            "diag_kl": metrics.get("diagonal_gp_kl"), "metrics": metrics,
+            "metrics": metrics,
             "steps": r.get("steps"), "meta_batch": train.get("meta_batch"),
             "wall": f"{wall / 60:.1f} min" if wall else "", "tasks_per_s": f"{tasks_per_s:.0f}" if tasks_per_s else "",
             "episodes": f"{r.get('episodes')} (seed {r.get('eval_seed')})", "run": run_dir.name,
@@ -100,8 +105,8 @@ def reference_cells(rows: List[dict], data: str, regime: str) -> List[list]:
     cells = []
     for name, ll_key, kl_key in REFERENCES:
         kl = "0 (by definition)" if kl_key is None else _stat(first.get(kl_key), 1.0, 3)
-        pub = {"diagonal GP": (0.40, 0.40, 0.38), "trivial": (1.19, 1.08, 0.82)}.get(name)
-        cells.append([data + ("" if regime == "interpolation" else f" ({regime})"), f"*{name}* (reference)",
+        pub = PUBLISHED_REFERENCE_KL.get(name)
+        cells.append([label(data, regime), f"*{name}* (reference)",
                       _stat(first.get(ll_key), 1.0, 3), kl, "—",
                       f"KL {pub[DATA_ORDER.index(data)]:g}" if pub else ("KL 0" if kl_key is None else ""),
                       "", "", "", "", f"same tasks in {same}/{len(recorded)} runs", ""])
@@ -115,8 +120,7 @@ def np_markdown(rows: List[dict]) -> str:
         if key not in seen and x["data"] != "sawtooth":
             seen.add(key)
             cells += reference_cells(rows, *key)
-        cells.append([x["data"] + ("" if x["test_regime"] in ("interpolation", "") else f" ({x['test_regime']})"),
-                      x["algo"], x["log_likelihood"], x["kl"] if x["data"] != "sawtooth" else "—", x["mse"],
+        cells.append([label(x["data"], x["test_regime"]), x["algo"], x["log_likelihood"], x["kl"] if x["data"] != "sawtooth" else "—", x["mse"],
                       published(x["algo_key"], x["data"]), x["steps"] or "", x["meta_batch"] or "", x["wall"],
                       x["tasks_per_s"], x["episodes"], x["command"]])
     return _markdown(["data", "model", "log-lik. / target (↑)", "KL / target (↓)", "MSE", "published",
