@@ -1,4 +1,4 @@
-"""Neural Process models (CNP, latent NP, ANP, ConvCNP) and their objectives: invariances, shapes, a short fit."""
+"""Neural Process models (CNP, latent NP, ANP, attentive CNP, ConvCNP) and their objectives: invariances, shapes, a short fit."""
 from __future__ import annotations
 
 import functools
@@ -13,7 +13,8 @@ import pytest
 from metarun.algos import np_objectives as _obj
 from metarun.data.function_tasks import make_function_sampler
 from metarun.data.tasks import sample_batch
-from metarun.learners.neural_process import ANP, CNP, LATENT_RNG, ConvCNP, LatentNP, LatentOutput, Normal
+from metarun.learners.neural_process import (ANP, CNP, LATENT_RNG, AttentiveCNP, ConvCNP, LatentNP, LatentOutput,
+                                             Normal)
 
 # Compiles many small programs (tens of seconds on 2 cores): run in CI's second pass (--runslow).
 pytestmark = pytest.mark.slow
@@ -23,6 +24,7 @@ MODELS = {
     "cnp": CNP(hidden=32),
     "np": LatentNP(hidden=32, latent_dim=8),
     "anp": ANP(hidden=32, latent_dim=8, num_heads=2, attention_layers=1),
+    "acnp": AttentiveCNP(hidden=32, num_heads=2, attention_layers=1),
     "convcnp": ConvCNP(points_per_unit=16, grid_size=128, channels=8, num_layers=2, kernel_size=5),
 }
 LATENT_KEY = jax.random.key(7)

@@ -1,4 +1,4 @@
-"""Neural Process algorithms (cnp, np, anp, convcnp) on dataset=gp / sawtooth through the real config and trainer:
+"""Neural Process algorithms (cnp, np, anp, acnp, convcnp) on dataset=gp / sawtooth through the real config and trainer:
 a training smoke per algorithm, the exact-GP KL metric, invariances through adapt/loss, learning, one-line errors."""
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ SMALL = {
     "np": ["algo.hidden=16", "algo.latent_dim=8", "algo.eval_samples=4", "algo.plot_samples=2"],
     "anp": ["algo.hidden=16", "algo.latent_dim=8", "algo.num_heads=2", "algo.attention_layers=1",
             "algo.eval_samples=4", "algo.plot_samples=2"],
+    "acnp": ["algo.hidden=16", "algo.num_heads=2", "algo.attention_layers=1"],
     "convcnp": ["algo.points_per_unit=16", "algo.grid_size=160", "algo.channels=8", "algo.num_layers=2",
                 "algo.kernel_size=5"],
 }
@@ -38,7 +39,8 @@ def test_a_short_training_run_writes_results_and_predictions(algo, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["metric"] == "log_likelihood" and results["higher_is_better"] is True
     assert np.isfinite(results["mean"]) and results["score"] == results["mean"]
-    assert {"mse", "kl"} <= set(results["metrics"]) and results["metrics"]["kl"]["mean"] > 0
+    assert {"mse", "kl", "context_log_likelihood"} <= set(results["metrics"]) and results["metrics"]["kl"]["mean"] > 0
+    assert 0 < results["metrics"]["context_log_likelihood"]["n"] <= 4  # tasks with an empty context are left out
     assert not any(k.startswith("_") for k in results["metrics"])
     assert {"exact_gp_log_likelihood", "diagonal_gp_kl", "trivial_kl"} <= set(results["metrics"])  # reference rows
     assert results["plots"] == ["predictions.png"] and (tmp_path / "predictions.png").stat().st_size > 10_000
@@ -106,6 +108,42 @@ def test_exact_gp_kl_metric_is_zero_for_the_exact_gp_and_positive_for_a_wrong_on
     mean, cov = posterior(kernel_fn, ctx["x"], ctx["y"], ctx["mask"], tgt["x"], 0.05)
     exact = mvn_log_prob(tgt["y"], mean, cov, tgt["mask"])
     assert abs(float(gp_kl_from_log_likelihood((kernel_fn, 0.05), ctx, tgt["x"], tgt["y"], tgt["mask"], exact))) < 1e-5
+
+
+def test_context_log_likelihood_is_the_models_fit_of_its_own_context():
+    """The exact GP's marginals at the context points, against a numpy closed form on the 9 real context points
+    (the 3 padded ones and the targets must not count); an empty context has no value and is flagged."""
+    from metarun.algos.np_common import conditional_np, context_of
+
+    kernel_fn, task = _separated_task()
+    algo = conditional_np(_ExactGP(kernel_fn, 0.05), _Family((kernel_fn, 0.05)), "eval", {})
+
+    def metrics(support):
+        return algo.loss({"model": {}}, {}, algo.adapt({"model": {}}, {}, support, None), task.query, None)[1]
+
+    ctx = context_of(task.support)
+    x, y = np.asarray(ctx["x"], np.float64)[:9], np.asarray(ctx["y"], np.float64)[:9, 0]
+    k = np.asarray(kernel_fn(x, x), np.float64)
+    solve = np.linalg.solve(k + 0.05 * np.eye(9), np.c_[y, k])
+    mean, var = k @ solve[:, 0], np.diag(k - k @ solve[:, 1:]) + 0.05
+    want = np.mean(-0.5 * np.log(2 * np.pi * var) - 0.5 * (y - mean) ** 2 / var)
+    got = metrics(task.support)
+    np.testing.assert_allclose(float(got["context_log_likelihood"]), want, rtol=1e-3, atol=1e-3)
+    assert bool(got["_valid:context_log_likelihood"])
+    assert not bool(metrics(task.support._replace(mask=jnp.zeros(12)))["_valid:context_log_likelihood"])
+
+
+def test_a_metric_with_a_valid_flag_is_averaged_over_the_valid_tasks_only():
+    from metarun.build import load_family
+
+    family = load_family(compose(["algo=cnp", "dataset=gp"]))
+    summary = family.summarize({"log_likelihood": np.array([-1.0, -2.0, -3.0]), "mse": np.array([1.0, 2.0, 3.0]),
+                                "context_log_likelihood": np.array([0.5, 123.0, 1.5]),
+                                "_valid:context_log_likelihood": np.array([True, False, True])})
+    assert summary["metrics"]["context_log_likelihood"]["mean"] == 1.0
+    assert summary["metrics"]["context_log_likelihood"]["n"] == 2
+    assert summary["metrics"]["mse"]["mean"] == 2.0 and "n" not in summary["metrics"]["mse"]
+    assert summary["mean"] == -2.0
 
 
 def _built(algo_name, phase="eval"):

@@ -20,12 +20,14 @@ def _stat(mean, ci=0.01):
 
 
 def _run(root: Path, name: str, algo: str, dataset: str, kernel: str = "eq", exact_ll: float = -0.247,
-         metric: str = "log_likelihood", mean: float = -1.0, extra: dict = None) -> Path:
+         metric: str = "log_likelihood", mean: float = -1.0, extra: dict = None, context_ll: float = None) -> Path:
     run_dir = root / name
     (run_dir / ".hydra").mkdir(parents=True)
     metrics = {"mse": _stat(0.5)} if metric == "log_likelihood" else {}
     if metric == "log_likelihood":
         metrics["log_likelihood"] = _stat(mean)
+    if context_ll is not None:
+        metrics["context_log_likelihood"] = _stat(context_ll)
     if dataset == "gp":
         metrics.update(kl=_stat(0.9), exact_gp_log_likelihood=_stat(exact_ll), diagonal_gp_log_likelihood=_stat(-0.667),
                        diagonal_gp_kl=_stat(0.417), trivial_log_likelihood=_stat(-1.438), trivial_kl=_stat(1.191))
@@ -44,21 +46,24 @@ def test_rows_references_and_markers(tmp_path):
     runs = tmp_path / "runs"
     _run(runs, "np_eq", "np", "gp", mean=-1.25, extra={"objective": "elbo"})
     _run(runs, "cnp_eq", "cnp", "gp", mean=-1.27)
+    _run(runs, "acnp_eq", "acnp", "gp", mean=-0.9, context_ll=0.25)
     _run(runs, "cnp_eq_other_tasks", "cnp", "gp", exact_ll=-0.30)  # scored on other tasks: the check must say so
     _run(runs, "maml_saw", "maml", "sawtooth", metric="mse", mean=0.083)
     _run(runs, "cnp_saw", "cnp", "sawtooth", mean=-0.177)
     rows = np_table.np_rows(np_table.find_results([runs]))
-    assert [(r["data"], r["algo"]) for r in rows] == [("eq", "cnp"), ("eq", "cnp"), ("eq", "np (ELBO)"),
+    assert [(r["data"], r["algo"]) for r in rows] == [("eq", "cnp"), ("eq", "cnp"), ("eq", "acnp"), ("eq", "np (ELBO)"),
                                                        ("sawtooth", "cnp"), ("sawtooth", "maml")]
     assert rows[0]["tasks_per_s"] == "320"  # 2000 steps x 16 tasks / 100 s
     assert rows[0]["command"] == "`python -m metarun experiment=cnp_gp train.steps=2000`"
     lines = np_table.np_markdown(rows).splitlines()
     refs = [line for line in lines if "(reference)" in line]
     assert len(refs) == 3 and all(line.startswith("| eq |") for line in refs)  # once per kernel, none for sawtooth
-    assert "| -0.667 ± 0.010 | 0.417 ± 0.010 |" in refs[1] and "| KL 0.4 |" in refs[1]
-    assert "same tasks in 2/3 runs" in refs[0]
+    assert "| -0.667 ± 0.010 |  | 0.417 ± 0.010 |" in refs[1] and "| KL 0.4 |" in refs[1]
+    assert "same tasks in 3/4 runs" in refs[0]
+    acnp = next(line for line in lines if "| acnp |" in line)
+    assert acnp.startswith("| eq | acnp | -0.900 ± 0.010 | 0.250 ± 0.010 | 0.900 ± 0.010 |") and "| KL 0.45 |" in acnp
     maml = next(line for line in lines if "| maml |" in line)
-    assert maml.startswith("| sawtooth | maml | — | — | 0.083 ± 0.020 |")  # MSE only: no likelihood, no KL
+    assert maml.startswith("| sawtooth | maml | — | — | — | 0.083 ± 0.020 |")  # MSE only: no likelihood, no KL
     assert "| log-lik. -0.18 |" in next(line for line in lines if line.startswith("| sawtooth | cnp |"))
     doc = tmp_path / "doc.md"
     doc.write_text(f"intro\n{np_table.MARKERS[0]}\nold\n{np_table.MARKERS[1]}\noutro\n")

@@ -8,6 +8,7 @@ the targets too); `loss` is the target negative log-likelihood per point (condit
 model's objective (ELBO, ML or importance-weighted; metarun.algos.np_objectives), and its metrics are
   log_likelihood  per target point (a latent model's: log of the mean over `eval_samples` prior draws of the
                   joint likelihood of the targets, divided by their number), higher is better;
+  context_log_likelihood  the same, at the context points (Kim et al. 2019's context NLL; tasks with a context);
   mse             of the predictive mean;
   kl              on GP tasks only: KL per target point from the exact GP posterior (the tasks' own kernel and
                   noise, family.gp_prior) to the model. Conditional models: exact, by
@@ -58,6 +59,14 @@ def context_of(examples) -> Dict[str, jax.Array]:
     mask = _ones_if_none(examples.mask, examples.x.shape[0], examples.x.dtype)
     x, y, mask = clean_context(examples.x, y, mask)
     return {"x": x, "y": y, "mask": mask}
+
+
+def context_fit(log_likelihood_per_point, ctx) -> Dict[str, jax.Array]:
+    """`context_log_likelihood`: the model's log-likelihood of its own context points, per point (Kim et al. 2019's
+    "context NLL": how well the model reproduces what it was shown; CNPs underfit it). A task with an empty context
+    has none: its `_valid:` flag keeps it out of the mean (TaskFamily.summarize)."""
+    return {"context_log_likelihood": log_likelihood_per_point,
+            "_valid:context_log_likelihood": jnp.sum(ctx["mask"]) > 0}
 
 
 def masked_mse(loc, y, mask):
@@ -165,6 +174,8 @@ def conditional_np(model, family, phase: str, info: Dict[str, Any]) -> MetaAlgor
         nll = objectives.gaussian_nll(pred, tgt["y"], tgt["mask"])
         metrics = {"loss": nll, "log_likelihood": -nll, "mse": masked_mse(pred.loc, tgt["y"], tgt["mask"])}
         if record:  # evaluation only: training needs no exact posterior (a Cholesky per task)
+            metrics.update(context_fit(-objectives.gaussian_nll(apply(ctx["x"], ctx["mask"]), ctx["y"], ctx["mask"]),
+                                       ctx))
             if gp_prior is not None:
                 metrics["kl"] = gp_kl(gp_prior, ctx, tgt["x"], tgt["mask"], pred.loc, jnp.square(pred.scale))
 
@@ -220,6 +231,8 @@ def latent_np(model, family, phase: str, objective: str, train_samples: int, eva
         nll = objectives.neg_ml(out, tgt["y"], tgt["mask"])
         mean, std = mixture_moments(out.predictive)
         metrics = {"loss": nll, "log_likelihood": -nll, "mse": masked_mse(mean, tgt["y"], tgt["mask"])}
+        at_context = run(meta_params, ctx, ctx["x"], ctx["mask"], pred_key, eval_samples)
+        metrics.update(context_fit(-objectives.neg_ml(at_context, ctx["y"], ctx["mask"]), ctx))
         if gp_prior is not None:
             total = -nll * jnp.maximum(jnp.sum(tgt["mask"]), 1.0)
             metrics["kl"] = gp_kl_from_log_likelihood(gp_prior, ctx, tgt["x"], tgt["y"], tgt["mask"], total)

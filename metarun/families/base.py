@@ -16,6 +16,15 @@ from metarun.metrics import mean_ci95
 from metarun.registry import lookup
 
 SPLITS = ("train", "val", "test")
+# A per-task metric `k` that some tasks do not have (a context log-likelihood with an empty context) comes with a
+# boolean `_valid:k` per task: the summary averages over the valid tasks only and reports their number `n`.
+VALID = "_valid:"
+
+
+def _defined(name: str, values, per_task: Dict[str, np.ndarray]):
+    """The values of metric `name` on the tasks that have it (all of them unless per_task has `_valid:name`)."""
+    valid = per_task.get(f"{VALID}{name}")
+    return np.asarray(values) if valid is None else np.asarray(values)[np.asarray(valid, bool)]
 
 
 class TaskFamily:
@@ -68,10 +77,14 @@ class TaskFamily:
 
     def summarize(self, per_task: Dict[str, np.ndarray]) -> Dict[str, Any]:
         """The protocol's numbers from per-task metrics: mean ± 95% CI of the primary metric and
-        the mean ± CI of every other metric under `metrics`."""
+        the mean ± CI of every other metric under `metrics` (a metric with a `_valid:` flag: over the tasks
+        that have it, with their number n)."""
         main = mean_ci95(per_task[self.metric])
-        others = {k: mean_ci95(v) for k, v in per_task.items() if k != self.metric and not k.startswith("_")}
-        return {**main, "metrics": {k: {"mean": v["mean"], "ci95": v["ci95"]} for k, v in others.items()}}
+        others = {k: mean_ci95(_defined(k, v, per_task)) for k, v in per_task.items()
+                  if k != self.metric and not k.startswith("_")}
+        return {**main, "metrics": {k: {"mean": v["mean"], "ci95": v["ci95"],
+                                        **({"n": v["n"]} if f"{VALID}{k}" in per_task else {})}
+                                    for k, v in others.items()}}
 
     def plots(self, run_dir, per_task: Dict[str, np.ndarray]) -> List[str]:
         """Write the family's plots of the final test evaluation into run_dir (e.g. classification's

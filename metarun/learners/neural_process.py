@@ -1,9 +1,11 @@
-"""Neural Process family as flax.linen modules: CNP, latent NP, attentive NP and ConvCNP (1D), with context masks."""
+"""Neural Process family as flax.linen modules: CNP, latent NP, attentive NP, attentive CNP and ConvCNP (1D), with
+context masks."""
 from __future__ import annotations
 
 import math
 from typing import NamedTuple, Optional, Sequence
 
+import distrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,18 +17,20 @@ LATENT_RNG = "latent"
 
 
 class Normal(NamedTuple):
-    """Independent Gaussians, elementwise (loc and scale of one shape); distrax.Normal(*d) if wanted."""
+    """Independent Gaussians, elementwise (loc and scale of one shape). A NamedTuple, so a pytree that jit, vmap
+    and scan pass through; the densities and KLs are distrax.Normal's."""
     loc: jax.Array
     scale: jax.Array
 
+    def as_distrax(self) -> distrax.Normal:
+        return distrax.Normal(self.loc, self.scale)
+
     def log_prob(self, x):
-        z = (x - self.loc) / self.scale
-        return -0.5 * jnp.square(z) - jnp.log(self.scale) - 0.5 * math.log(2 * math.pi)
+        return self.as_distrax().log_prob(x)
 
     def kl_divergence(self, other: "Normal"):
         """Elementwise KL(self || other)."""
-        ratio = jnp.square(self.scale / other.scale)
-        return 0.5 * (ratio + jnp.square((self.loc - other.loc) / other.scale) - 1.0 - jnp.log(ratio))
+        return self.as_distrax().kl_divergence(other.as_distrax())
 
 
 class LatentOutput(NamedTuple):
@@ -199,6 +203,29 @@ class ANP(LatentNP):
     """Attentive Neural Process (Kim et al. 2019): self-attention in both encoders, multi-head
     cross-attention from the targets to the context on the deterministic path. Same call as LatentNP."""
     attention: bool = True
+
+
+class AttentiveCNP(nn.Module):
+    """Attentive CNP (Kim et al. 2019's deterministic path alone; Bruinsma 2022's "ACNP"): self-attention over
+    the context pairs, multi-head cross-attention from the targets, an MLP decoder to a Gaussian per target.
+    No latent variable: the same call and output as CNP. The representation is ANP's own code (same
+    parameter names), so an ACNP is an ANP without its latent path."""
+    hidden: int = 128
+    decoder_layers: int = 3
+    min_std: float = 0.01
+    num_heads: int = 8
+    attention_layers: int = 2
+    attention = True  # read by LatentNP.deterministic_representation (a class constant, not a field)
+
+    deterministic_representation = LatentNP.deterministic_representation
+
+    @nn.compact
+    def __call__(self, x_ctx, y_ctx, ctx_mask, x_tgt, tgt_mask=None):
+        del tgt_mask
+        x_ctx, y_ctx, mask = clean_context(x_ctx, y_ctx, ctx_mask)
+        r = self.deterministic_representation(x_ctx, y_ctx, mask, x_tgt)
+        h = nn.relu(MLP([self.hidden] * (self.decoder_layers - 1), name="decoder")(jnp.concatenate([r, x_tgt], -1)))
+        return gaussian_head(h, y_ctx.shape[-1], self.min_std)
 
 
 def _rbf_weights(a, b, lengthscale):
