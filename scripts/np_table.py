@@ -85,7 +85,7 @@ def np_rows(dirs) -> List[dict]:
             "metrics": metrics,
             "steps": r.get("steps"), "meta_batch": train.get("meta_batch"),
             "wall": f"{wall / 60:.1f} min" if wall else "", "tasks_per_s": f"{tasks_per_s:.0f}" if tasks_per_s else "",
-            "episodes": f"{r.get('episodes')} (seed {r.get('eval_seed')})", "run": run_dir.name,
+            "episodes": f"{r.get('episodes')} (seed {r.get('eval_seed')})", "run": run_dir.name, "run_dir": run_dir,
             "command": command(run_dir),
         })
     algo_order = {a: i for i, a in enumerate(ALGO_ORDER)}

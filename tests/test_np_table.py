@@ -70,3 +70,23 @@ def test_rows_references_and_markers(tmp_path):
     np_table.main(["--collect", str(runs), "--table", str(doc)])
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and "| np (ELBO) |" in text
+
+
+def test_curves_plot_reads_tasks_seen_and_converts_published_kl(tmp_path):
+    spec_c = importlib.util.spec_from_file_location("np_curves", SCRIPT.with_name("np_curves.py"))
+    np_curves = importlib.util.module_from_spec(spec_c)
+    spec_c.loader.exec_module(np_curves)
+    runs = tmp_path / "runs"
+    run_dir = _run(runs, "cnp_eq", "cnp", "gp", mean=-1.0)
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"step": 100, "train/log_likelihood": -1.3}, {"step": 200, "train/log_likelihood": -1.2,
+                                                      "val/log_likelihood": -1.25})) + "\n")
+    assert np_curves.curve(run_dir, "train/log_likelihood", 16) == ([1600, 3200], [-1.3, -1.2])
+    assert np_curves.curve(run_dir, "val/log_likelihood", 16) == ([3200], [-1.25])
+    # Bruinsma reports KL: the published CNP EQ figure 0.54 is exact-GP log-likelihood - 0.54 on our tasks.
+    assert abs(np_curves.published_log_likelihood("cnp", "eq", -0.247) - (-0.787)) < 1e-9
+    assert np_curves.published_log_likelihood("convcnp", "sawtooth", None) == 3.17
+    assert np_curves.published_log_likelihood("maml", "eq", -0.247) is None
+    out = tmp_path / "curves.png"
+    np_curves.main(["--collect", str(runs), "--out", str(out)])
+    assert out.stat().st_size > 10_000
