@@ -89,5 +89,5 @@ class ImageCompletionFamily(RegressionFamily):
 
     def check_learner(self, learner_cfg) -> None:
         if self.uses_learner:
-            raise UserError(f"dataset={self.name} is image completion for the Neural Processes (algo=cnp|np|anp); "
+            raise UserError(f"dataset={self.name} is image completion for the Neural Processes (algo=cnp|acnp|np|anp|convcnp); "
                             f"this algorithm reads learner={learner_cfg.name}, which is not supported here")
