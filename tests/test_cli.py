@@ -24,9 +24,22 @@ def metarun(*overrides, cwd=None, timeout=300):
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def test_cli_smoke_run_writes_a_complete_run_dir(tmp_path, fake_omniglot_overrides):
-    run_dir = tmp_path / "run"
-    proc = metarun(*fake_omniglot_overrides, f"hydra.run.dir={run_dir}")
+@pytest.fixture(scope="module")
+def smoke_overrides(fake_omniglot_dir):
+    """fake_omniglot_overrides for the module-scoped smoke run (that fixture is per test)."""
+    return ["debug=smoke", f"dataset.local_dir={fake_omniglot_dir}", "dataset.split=lake", "train.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, smoke_overrides):
+    """(run dir, CompletedProcess) of one uninterrupted `metarun debug=smoke` run on the fake Omniglot, made once
+    for the module: the smoke test reads it, and it is the reference the kill-and-resume test must reproduce."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    return run_dir, metarun(*smoke_overrides, f"hydra.run.dir={run_dir}")
+
+
+def test_cli_smoke_run_writes_a_complete_run_dir(tmp_path, fake_omniglot_overrides, smoke_run):
+    run_dir, proc = smoke_run
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (run_dir / ".hydra" / "config.yaml").exists()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -84,29 +97,30 @@ def _strip_timing(rows):
     return [{k: v for k, v in r.items() if k not in ("wall_s", "steps_per_s")} for r in rows]
 
 
-def test_a_killed_run_resumes_to_the_same_final_metrics(tmp_path, fake_omniglot_overrides):
-    overrides = [*fake_omniglot_overrides, "train.steps=60", "train.val_every=20", "train.ckpt_every=10",
-                 "train.log_every=10", "train.keep_ckpts=10"]
-    whole = tmp_path / "whole"
-    assert metarun(*overrides, f"hydra.run.dir={whole}").returncode == 0
-
+def test_a_killed_run_resumes_to_the_same_final_metrics(tmp_path, smoke_overrides, smoke_run):
+    # The smoke config (20 steps: logs at 5, 10, 15, 20; validation and checkpoints at 10 and 20) killed right
+    # after its step-10 checkpoint, then resumed, must end exactly like the module's uninterrupted smoke run.
+    whole, proc = smoke_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    overrides = smoke_overrides
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "metarun", *overrides, f"hydra.run.dir={cut}"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.time() + 240
-    while not (cut / "checkpoints" / "last" / "20").exists() and time.time() < deadline and proc.poll() is None:
+    while not (cut / "checkpoints" / "last" / "10").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (cut / "results.json").exists(), "the run finished before it could be killed"
+    rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert rows(cut)[-1]["step"] < 20, "the kill came after the last step: nothing left to resume"
 
     resumed = metarun(*overrides, f"hydra.run.dir={cut}", "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = json.loads((whole / "results.json").read_text())
     b = json.loads((cut / "results.json").read_text())
     assert (b["mean"], b["ci95"], b["checkpoint"]) == (a["mean"], a["ci95"], a["checkpoint"])
-    rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert _strip_timing(rows(cut)) == _strip_timing(rows(whole))
     # the resumed segment's clock continues the killed one's (time to accuracy reads wall_s)
     walls = [r["wall_s"] for r in rows(cut)]
