@@ -28,6 +28,12 @@ def _flat(tree):
     return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
 
 
+def _jit_meta_step(algo, params, state, tasks, key):
+    """meta_step over vmapped tasks, jitted as the trainer runs it: op-by-op (eager) dispatch of a
+    second-order Conv-4 meta-step costs twice its compile."""
+    return jax.jit(lambda p, s, t, k: meta_step(algo, p, s, t, k, task_mapper("vmap")))(params, state, tasks, key)
+
+
 def test_reptile_carries_the_inner_adam_state_across_tasks_and_evaluates_from_it():
     module = MLP(hidden=(8, 8), out_dim=1)
     lr, steps = 0.01, 3
@@ -69,18 +75,20 @@ def test_reptile_carries_the_inner_adam_state_across_tasks_and_evaluates_from_it
 
 def _image_tasks(batch=2, ways=3, shots=2, queries=3):
     images = jnp.asarray(make_synthetic_classes(8, 8, 8, 0.2, seed=0))
-    return sample_batch(make_image_sampler(ways, shots, queries), images, jax.random.PRNGKey(1), batch)
+    sampler = make_image_sampler(ways, shots, queries)
+    return jax.jit(lambda k: sample_batch(sampler, images, k, batch))(jax.random.PRNGKey(1))  # one dispatch, not per op
 
 
 def test_running_batch_norm_statistics_are_per_step_state_updated_from_the_support_passes():
     tasks = _image_tasks()
-    module = Conv4(out_dim=3, filters=4, blocks=2, batch_norm="running", bn_steps=2)
+    # im2col: the meta-step below is jit(vmap)ped, which XLA's own CPU conv gets wrong (train.check_cpu_vmap_conv).
+    module = Conv4(out_dim=3, filters=4, blocks=2, batch_norm="running", bn_steps=2, conv_impl="im2col")
     algo = maml(Net(module, train=True), classification_objective, 0.1, 2)
-    params, state = algo.init(KEY, jax.tree.map(lambda a: a[0], tasks))
+    params, state = jax.jit(algo.init)(KEY, jax.tree.map(lambda a: a[0], tasks))
     stats = state["batch_stats"]
     assert stats["norm0"]["mean"].shape == (2, 4)
     assert not np.asarray(stats["norm0"]["mean"]).any() and (np.asarray(stats["norm0"]["var"]) == 1).all()
-    _, new_state, _ = meta_step(algo, params, state, tasks, KEY, task_mapper("vmap"))
+    _, new_state, _ = _jit_meta_step(algo, params, state, tasks, KEY)
 
     # Copy 0 moves towards the first block's batch mean of each task's support set at the initial weights.
     from metarun.learners.conv4 import conv3x3_xla
@@ -93,8 +101,8 @@ def test_running_batch_norm_statistics_are_per_step_state_updated_from_the_suppo
     # Evaluation normalises with the running statistics: a query's prediction ignores the other queries.
     evaluator = maml(Net(module, train=False), classification_objective, 0.1, 2)
     task = jax.tree.map(lambda a: a[0], tasks)
-    ts = evaluator.adapt(params, new_state, task.support, KEY)
-    out = lambda x: Net(module, train=False).apply(ts["params"], x, new_state["batch_stats"], 1)  # noqa: E731
+    ts = jax.jit(evaluator.adapt)(params, new_state, task.support, KEY)
+    out = jax.jit(lambda x: Net(module, train=False).apply(ts["params"], x, new_state["batch_stats"], 1))
     np.testing.assert_allclose(np.asarray(out(task.query.x))[:1], np.asarray(out(task.query.x[:1])), rtol=1e-5, atol=1e-6)
 
 
