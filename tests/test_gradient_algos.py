@@ -341,8 +341,10 @@ def test_gradient_preset_composes_and_builds(preset):
         assert info["variant"] == "maml++"
 
 
+# One conv block: what is checked (checkpoint = replayed core chunk, results = the Evaluator) does not depend
+# on depth, and each algorithm compiles ~20% faster than with two.
 SMOKE = ["debug=smoke", "dataset=synthetic", "dataset.image_size=8", "dataset.classes=[12,6,6]",
-         "learner.blocks=2", "learner.filters=4", "train.steps=4", "train.steps_per_call=2", "train.log_every=2", "train.val_every=0",
+         "learner.blocks=1", "learner.filters=4", "train.steps=4", "train.steps_per_call=2", "train.log_every=2", "train.val_every=0",
          "train.ckpt_every=4", "train.progress=false", "eval.episodes=4", "eval.batch=4", "task.ways=3"]
 
 
