@@ -77,10 +77,12 @@ def test_cli_smoke_run_writes_a_complete_run_dir(tmp_path, fake_omniglot_overrid
 
 
 def test_sinusoid_reports_mse_after_1_5_10_steps(tmp_path):
-    cfg = compose(["experiment=maml_sinusoid", "train.steps=200", "train.steps_per_call=100",
-                   "train.log_every=100", "train.val_every=100", "train.ckpt_every=100", "eval.episodes=50",
-                   "train.progress=false"])
+    # The smoke preset with the MLP learner (20 steps, validation at 10 and 20; was also
+    # test_reliability's test_smoke_preset_works_with_the_mlp_learner, merged here: one run, both checks).
+    cfg = compose(["experiment=maml_sinusoid", "debug=smoke", "train.progress=false"])
     score = run(cfg, tmp_path)
+    from omegaconf import OmegaConf
+    assert OmegaConf.load(tmp_path / "run_config.yaml").learner.width_factor == 0.125  # smoke shrinks any learner
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["metric"] == "mse" and results["inner_steps"] == 1 and results["shots"] == 5
     assert set(results["by_inner_steps"]) == {"1", "5", "10"}
@@ -90,7 +92,7 @@ def test_sinusoid_reports_mse_after_1_5_10_steps(tmp_path):
     # higher is better whatever the metric: the score of an MSE is its negative, and a training run
     # returns (as the sweep objective) its best validation score
     assert results["higher_is_better"] is False and results["score"] == pytest.approx(-results["mean"])
-    assert results["best_val_step"] in (100, 200) and score == pytest.approx(results["best_val_score"]) and score < 0
+    assert results["best_val_step"] in (10, 20) and score == pytest.approx(results["best_val_score"]) and score < 0
 
 
 def _strip_timing(rows):

@@ -215,11 +215,8 @@ def test_cli_user_error_is_one_line_on_stderr_with_exit_code_2(tmp_path):
 
 
 # ---- 7. first contact ---------------------------------------------------------------------------
-def test_smoke_preset_works_with_the_mlp_learner(tmp_path):
-    _run(["experiment=maml_sinusoid", "debug=smoke", "train.progress=false"], tmp_path)
-    results = _results(tmp_path)
-    assert results["metric"] == "mse" and results["score"] == -results["mean"]
-    assert OmegaConf.load(tmp_path / "run_config.yaml").learner.width_factor == 0.125
+# The smoke preset with the MLP learner (experiment=maml_sinusoid debug=smoke) is run and checked by
+# tests/test_cli.py::test_sinusoid_reports_mse_after_1_5_10_steps.
 
 
 def test_strict_json_writes_null_for_nonfinite_values(tmp_path):
