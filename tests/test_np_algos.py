@@ -204,6 +204,9 @@ def test_cnp_learns_on_gp_tasks(tmp_path):
     (["algo=cnp", "dataset=gp", "dataset.min_context=40"], r"dataset\.min_context=40 must be between 0 and dataset\.max_context=30"),
     (["algo=cnp", "dataset=sawtooth", "dataset.metric=kl"], r"dataset\.metric=kl needs GP tasks"),
     (["algo=np", "dataset=gp", "algo.objective=vi"], r"algo\.objective=vi is unknown"),
+    (["algo=acnp", "dataset=gp", "algo.num_heads=3"], r"algo\.hidden=128 must be a multiple of algo\.num_heads=3"),
+    (["algo=acnp", "dataset=gp", "algo.decoder_layers=0"], r"algo\.decoder_layers=0 must be >= 1"),
+    (["algo=anp", "dataset=gp", "algo.attention_layers=0"], r"algo\.num_heads=8 and algo\.attention_layers=0 must be >= 1"),
     (["algo=cnp", "dataset=gp", "dataset.test_regime=beyond"], r"dataset\.test_regime=beyond is unknown"),
 ])
 def test_bad_input_is_one_line(overrides, match):

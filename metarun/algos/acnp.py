@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from metarun.algos.base import Collaborators, MetaAlgorithm
-from metarun.algos.np_common import NPBaseConfig, check_common, conditional_np
-from metarun.errors import UserError
+from metarun.algos.np_common import NPBaseConfig, check_attention, check_common, conditional_np
+from metarun.families.base import check_positive
 from metarun.learners.neural_process import AttentiveCNP
 from metarun.registry import register
 
@@ -24,11 +24,8 @@ class ACNPConfig(NPBaseConfig):
 @register("algo", "acnp", schema=ACNPConfig)
 def build(a, c: Collaborators) -> MetaAlgorithm:
     check_common(a, c)
-    for key in ("hidden", "decoder_layers", "num_heads", "attention_layers"):
-        if a[key] < 1:
-            raise UserError(f"algo.{key}={a[key]} must be >= 1")
-    if a.hidden % a.num_heads:
-        raise UserError(f"algo.hidden={a.hidden} must be a multiple of algo.num_heads={a.num_heads}")
+    check_positive("algo", a, ("hidden", "decoder_layers"))
+    check_attention(a)
     model = AttentiveCNP(hidden=a.hidden, decoder_layers=a.decoder_layers, min_std=a.min_std,
                          num_heads=a.num_heads, attention_layers=a.attention_layers)
     info = {"name": "acnp", "model": "attentive CNP (Kim et al. 2019, deterministic path)", "hidden": a.hidden,

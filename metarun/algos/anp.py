@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 from metarun.algos.base import Collaborators, MetaAlgorithm
 from metarun.algos.np import NPConfig, check_sizes, latent_info
-from metarun.algos.np_common import check_common, check_latent, latent_np
-from metarun.errors import UserError
+from metarun.algos.np_common import check_attention, check_common, check_latent, latent_np
 from metarun.learners.neural_process import ANP
 from metarun.registry import register
 
@@ -25,10 +24,7 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
     check_common(a, c)
     check_latent(a)
     check_sizes(a)
-    if a.num_heads < 1 or a.attention_layers < 1:
-        raise UserError(f"algo.num_heads={a.num_heads} and algo.attention_layers={a.attention_layers} must be >= 1")
-    if a.hidden % a.num_heads:
-        raise UserError(f"algo.hidden={a.hidden} must be a multiple of algo.num_heads={a.num_heads}")
+    check_attention(a)
     model = ANP(hidden=a.hidden, latent_dim=a.latent_dim, encoder_layers=a.encoder_layers,
                 decoder_layers=a.decoder_layers, deterministic_path=a.deterministic_path, min_std=a.min_std,
                 num_heads=a.num_heads, attention_layers=a.attention_layers)

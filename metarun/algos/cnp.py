@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from metarun.algos.base import Collaborators, MetaAlgorithm
 from metarun.algos.np_common import NPBaseConfig, check_common, conditional_np
-from metarun.errors import UserError
+from metarun.families.base import check_positive
 from metarun.learners.neural_process import CNP
 from metarun.registry import register
 
@@ -22,9 +22,7 @@ class CNPConfig(NPBaseConfig):
 @register("algo", "cnp", schema=CNPConfig)
 def build(a, c: Collaborators) -> MetaAlgorithm:
     check_common(a, c)
-    for key in ("hidden", "encoder_layers", "decoder_layers"):
-        if a[key] < 1:
-            raise UserError(f"algo.{key}={a[key]} must be >= 1")
+    check_positive("algo", a, ("hidden", "encoder_layers", "decoder_layers"))
     model = CNP(hidden=a.hidden, encoder_layers=a.encoder_layers, decoder_layers=a.decoder_layers, min_std=a.min_std)
     info = {"name": "cnp", "model": "CNP (Garnelo et al. 2018a)", "hidden": a.hidden, "encoder_layers": a.encoder_layers,
             "decoder_layers": a.decoder_layers, "min_std": a.min_std, "learner": "none (model from algo.*)",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from metarun.algos.base import Collaborators, MetaAlgorithm
 from metarun.algos.np_common import NPBaseConfig, check_common, conditional_np
 from metarun.errors import UserError
+from metarun.families.base import check_positive
 from metarun.learners.grid_convcnp import GridConvCNP
 from metarun.learners.neural_process import ConvCNP
 from metarun.registry import register
@@ -38,9 +39,7 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
     if input_dim != 1:
         raise UserError(f"algo=convcnp reads 1D inputs or pixel coordinates; dataset={c.family.name} has "
                         f"{input_dim}-D inputs: use algo=cnp, np or anp")
-    for key in ("points_per_unit", "grid_size", "channels", "num_layers", "kernel_size"):
-        if a[key] < 1:
-            raise UserError(f"algo.{key}={a[key]} must be >= 1")
+    check_positive("algo", a, ("points_per_unit", "grid_size", "channels", "num_layers", "kernel_size"))
     model = ConvCNP(points_per_unit=a.points_per_unit, grid_size=a.grid_size, channels=a.channels,
                     num_layers=a.num_layers, kernel_size=a.kernel_size, min_std=a.min_std)
     info = {"name": "convcnp", "model": "ConvCNP (Gordon et al. 2020), 1D", "points_per_unit": a.points_per_unit,
@@ -51,9 +50,7 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
 
 
 def _on_the_grid(a, c: Collaborators) -> MetaAlgorithm:
-    for key in ("channels", "num_layers", "image_kernel_size", "setconv_size"):
-        if a[key] < 1:
-            raise UserError(f"algo.{key}={a[key]} must be >= 1")
+    check_positive("algo", a, ("channels", "num_layers", "image_kernel_size", "setconv_size"))
     model = GridConvCNP(image_size=c.family.image_size, channels=a.channels, num_layers=a.num_layers,
                         kernel_size=a.image_kernel_size, setconv_size=a.setconv_size, min_std=a.min_std)
     info = {"name": "convcnp", "model": "ConvCNP on the grid (Gordon et al. 2020, sec. 4)",

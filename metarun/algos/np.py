@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from metarun.algos.base import Collaborators, MetaAlgorithm
 from metarun.algos.np_common import LatentConfigMixin, NPBaseConfig, check_common, check_latent, latent_np
-from metarun.errors import UserError
+from metarun.families.base import check_positive
 from metarun.learners.neural_process import LatentNP
 from metarun.registry import register
 
@@ -24,9 +24,7 @@ class NPConfig(LatentConfigMixin, NPBaseConfig):
 
 
 def check_sizes(a) -> None:
-    for key in ("hidden", "latent_dim", "encoder_layers", "decoder_layers"):
-        if a[key] < 1:
-            raise UserError(f"algo.{key}={a[key]} must be >= 1")
+    check_positive("algo", a, ("hidden", "latent_dim", "encoder_layers", "decoder_layers"))
 
 
 def latent_info(a, model_name: str) -> dict:

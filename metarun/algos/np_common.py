@@ -257,6 +257,14 @@ class LatentConfigMixin:
     plot_samples: int = 3         # sampled functions drawn in predictions.png
 
 
+def check_attention(a) -> None:
+    """The attentive models' (acnp, anp) heads and blocks: at least one each, and heads that divide the width."""
+    if a.num_heads < 1 or a.attention_layers < 1:
+        raise UserError(f"algo.num_heads={a.num_heads} and algo.attention_layers={a.attention_layers} must be >= 1")
+    if a.hidden % a.num_heads:
+        raise UserError(f"algo.hidden={a.hidden} must be a multiple of algo.num_heads={a.num_heads}")
+
+
 def check_latent(a) -> None:
     if a.objective not in OBJECTIVES:
         raise UserError(f"algo.objective={a.objective} is unknown; expected one of: {', '.join(OBJECTIVES)}")
