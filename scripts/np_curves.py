@@ -13,7 +13,6 @@ would close it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,19 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from np_table import DATA_ORDER, PUBLISHED_KL, PUBLISHED_SAWTOOTH_LL, np_rows  # noqa: E402
 from bayes_table import find_results  # noqa: E402
 
+from metarun.metrics import MetricsLog  # noqa: E402
+
 COLOURS = {"cnp": "tab:blue", "acnp": "tab:cyan", "np": "tab:green", "anp": "tab:red", "convcnp": "tab:purple"}
 
 
 def curve(run_dir: Path, key: str, meta_batch: int):
-    """(tasks seen, values) of `key` in metrics.jsonl."""
-    xs, ys = [], []
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        row = json.loads(line)
-        if key in row and row[key] is not None:
-            xs.append(row["step"] * meta_batch)
-            ys.append(row[key])
-    return xs, ys
+    """(tasks seen, values) of `key` in metrics.jsonl (MetricsLog: a line cut short by a running job is dropped)."""
+    rows = [row for row in MetricsLog(run_dir / "metrics.jsonl").read() if row.get(key) is not None]
+    return [row["step"] * meta_batch for row in rows], [row[key] for row in rows]
 
 
 def published_log_likelihood(algo: str, data: str, exact: float):
