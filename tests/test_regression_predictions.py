@@ -107,3 +107,37 @@ def test_the_family_draws_the_evaluated_arrays(tmp_path, monkeypatch):
             assert ("std" in t) == (name == "dkt")
         # The recorded query points are the evaluated ones: their MSE against the recorded targets is the MSE.
         assert per_task["mse"].shape == (6,)
+
+
+def _mlp_outputs(members, grid):
+    """Each member's MLP([8]) output on the grid, in numpy (ReLU hidden layer, linear head)."""
+    x = np.asarray(grid, np.float64)[:, None]
+    out = []
+    for i in range(np.asarray(members["dense0"]["kernel"]).shape[0]):
+        p = jax.tree.map(lambda a: np.asarray(a[i], np.float64), members)
+        h = np.maximum(x @ p["dense0"]["kernel"] + p["dense0"]["bias"], 0.0)
+        out.append((h @ p["head"]["kernel"] + p["head"]["bias"])[:, 0])
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("name", ["bmaml", "abml"])
+def test_ensembles_record_their_members_mean_and_spread(name):
+    """BMAML's adapted particles and ABML's sampled weights: the recorded curve is the members' mean on the grid
+    and the band their standard deviation (numpy, from the members the algorithm adapted / drew)."""
+    from metarun.algos.abml_math import sample_weights
+
+    extra = ["algo.particles=3"] if name == "bmaml" else ["algo.eval_samples=3", "algo.init_log_std=-1.0"]
+    overrides = [f"experiment={name}_sinusoid", "learner.hidden=[8]", "task.shots=5", "task.queries=5",
+                 "task.test_queries=7", *extra]
+    _, _, algo, params, state, task = _eval_build(overrides)
+    k_adapt, k_loss = jax.random.split(jax.random.PRNGKey(3))
+    task_state = jax.jit(lambda p: algo.adapt(p, state, task.support, k_adapt))(params)
+    metrics = jax.jit(lambda p, ts: algo.loss(p, state, ts, task.query, k_loss)[1])(params, task_state)
+    members = task_state["particles"] if name == "bmaml" else sample_weights(task_state["q"], k_loss, 3)
+    outputs = _mlp_outputs(members, np.asarray(metrics["_plot_x_grid"]))
+    assert outputs.std(0).max() > 1e-3  # distinct members: the band is not trivially zero
+    np.testing.assert_allclose(np.asarray(metrics["_plot_mean"]), outputs.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(metrics["_plot_std"]), outputs.std(0), rtol=1e-4, atol=1e-5)
+    # The query metrics come from the same members: the ensemble mean at the query points gives its MSE.
+    q = _mlp_outputs(members, np.asarray(task.query.x)[:, 0]).mean(0)
+    np.testing.assert_allclose(float(metrics["mse"]), np.mean((q - np.asarray(task.query.y)[:, 0]) ** 2), rtol=1e-4)

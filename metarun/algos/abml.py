@@ -18,7 +18,7 @@ import jax
 
 from metarun.algos.abml_math import adapt_posterior, diag_gaussian, kl_diag_gaussians, sample_weights
 from metarun.algos.base import Collaborators, MetaAlgorithm
-from metarun.algos.bmaml import ensemble_metrics
+from metarun.algos.bmaml import ensemble_metrics, ensemble_record
 from metarun.algos.dkt import check_family
 from metarun.algos.maml import check_inner
 from metarun.core import map_copies
@@ -34,7 +34,7 @@ def _weight(w: float):
 
 def abml(net: Net, family, inner_lr: float, inner_steps: int, samples: int = 1, eval_samples: int = 10,
          kl_weight: float = 1e-5, outer_kl_weight: float = 1e-5, init_log_std: float = -4.0,
-         first_order: bool = False, info=None) -> MetaAlgorithm:
+         first_order: bool = False, info=None, record: bool = False) -> MetaAlgorithm:
     """Builds ABML over a learner in a mode.
 
     meta_params = {"prior": {"mean": the learner's params, "log_std": same shape}}; algo_state = {}.
@@ -49,6 +49,8 @@ def abml(net: Net, family, inner_lr: float, inner_steps: int, samples: int = 1, 
       kl_weight / outer_kl_weight: KL(q || prior)'s weight in the inner / the outer loss (ABML down-weights
         it; a per-example ELBO would use 1/number of examples).
       init_log_std: the prior's initial log standard deviation everywhere.
+      record: (regression, evaluation) also return predictions.png's `_plot_*` arrays: the sampled networks'
+        mean and spread on a grid (bmaml.ensemble_record), the same weight draws as the metrics.
     """
     objective = family.objective
     n_eval = samples if net.train else eval_samples
@@ -65,13 +67,14 @@ def abml(net: Net, family, inner_lr: float, inner_steps: int, samples: int = 1, 
             return objective(net.apply(w, support.x), support.y, support.mask)[0]
 
         q = adapt_posterior(meta_params["prior"], nll, key, inner_lr, inner_steps, samples, inner_kl, first_order)
-        return {"q": q, "support_x": support.x}
+        return {"q": q, "support": support} if record else {"q": q, "support_x": support.x}
 
     def loss(meta_params, algo_state, task_state, query, key):
         del algo_state
         q = task_state["q"]
         weights = sample_weights(q, key, n_eval)
-        outputs = map_copies(lambda w: net.apply_query(w, query.x, task_state["support_x"]), weights)
+        support_x = task_state["support"].x if record else task_state["support_x"]
+        outputs = map_copies(lambda w: net.apply_query(w, query.x, support_x), weights)
         expected = jax.vmap(lambda o: objective(o, query.y, query.mask)[0])(outputs).mean()
         _, metrics = ensemble_metrics(family, outputs, query)
         total = expected
@@ -79,6 +82,8 @@ def abml(net: Net, family, inner_lr: float, inner_steps: int, samples: int = 1, 
             kl = kl_diag_gaussians(q, meta_params["prior"])
             total = expected + outer_kl * kl
             metrics = {**metrics, "kl": kl}
+        if record:
+            metrics = {**metrics, **ensemble_record(net, weights, task_state["support"], query)}
         return total, {**metrics, "predictive_loss": metrics["loss"], "loss": total}
 
     return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})
@@ -116,4 +121,4 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
             "first_order": bool(a.first_order), "posterior": "diagonal Gaussian over all weights"}
     net = Net(c.learner(c.family.head_dim(c.phase)), c.train, c.transductive)
     return abml(net, c.family, a.inner_lr, steps, a.samples, a.eval_samples, a.kl_weight, a.outer_kl_weight,
-                a.init_log_std, a.first_order, info)
+                a.init_log_std, a.first_order, info, record=not c.train and c.family.kind == "regression")

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from metarun.algos.base import Collaborators, MetaAlgorithm
 from metarun.algos.dkt import check_family
 from metarun.algos.maml import check_inner
+from metarun.algos.prediction_record import regression_record
 from metarun.algos.svgd import chaser_loss, svgd_steps
 from metarun.core import map_copies
 from metarun.data.tasks import Examples
@@ -48,8 +49,18 @@ def ensemble_metrics(family, outputs, query):
     return family.objective(outputs.mean(0), query.y, query.mask)
 
 
+def ensemble_record(net: Net, members, support, query) -> dict:
+    """predictions.png's `_plot_*` arrays of an ensemble (particles, weight samples) on a regression task: the
+    members' mean on the grid and their spread (standard deviation over members) as the band. The spread is
+    the ensemble's disagreement about the function, not a predictive noise (neither algorithm models noise)."""
+    def predict(x):
+        outputs = map_copies(lambda p: net.apply_query(p, x, support.x), members)
+        return outputs.mean(0), outputs.std(0)
+    return regression_record(support, query, predict)
+
+
 def bmaml(net: Net, family, particles: int, inner_lr: float, inner_steps: int, leader_steps: int = 1,
-          first_order: bool = False, info=None) -> MetaAlgorithm:
+          first_order: bool = False, info=None, record: bool = False) -> MetaAlgorithm:
     """Builds Bayesian MAML over a learner in a mode.
 
     meta_params = {"particles": the learner's params stacked M times on axis 0 (independent inits)};
@@ -63,6 +74,7 @@ def bmaml(net: Net, family, particles: int, inner_lr: float, inner_steps: int, l
       inner_steps: chaser steps on the support set (the eval build passes the test-time count).
       leader_steps: the leader's further steps on support + query (training only).
       first_order: no second derivatives through the chaser's steps.
+      record: (regression, evaluation) also return predictions.png's `_plot_*` arrays (ensemble_record).
     """
     objective = family.objective
 
@@ -86,6 +98,8 @@ def bmaml(net: Net, family, particles: int, inner_lr: float, inner_steps: int, l
         outputs = map_copies(lambda p: net.apply_query(p, query.x, support.x), chaser)
         _, metrics = ensemble_metrics(family, outputs, query)
         if not net.train:
+            if record:
+                metrics = {**metrics, **ensemble_record(net, chaser, support, query)}
             return metrics["loss"], metrics
         # The leader is a target: it starts from the chaser held constant, so no gradient is built for it.
         leader = svgd_steps(jax.lax.stop_gradient(chaser), grad_logp(concat_examples(support, query)), inner_lr,
@@ -121,4 +135,5 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
             "eval_inner_steps": a.eval_inner_steps, "leader_steps": a.leader_steps,
             "first_order": bool(a.first_order), "kernel": "rbf, median bandwidth", "weight_prior": "none"}
     net = Net(c.learner(c.family.head_dim(c.phase)), c.train, c.transductive)
-    return bmaml(net, c.family, a.particles, a.inner_lr, steps, a.leader_steps, a.first_order, info)
+    return bmaml(net, c.family, a.particles, a.inner_lr, steps, a.leader_steps, a.first_order, info,
+                 record=not c.train and c.family.kind == "regression")
