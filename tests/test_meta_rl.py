@@ -129,6 +129,26 @@ def test_the_navigation_oracle_moves_straight_to_the_goal_at_full_speed():
     assert float(navigation_oracle_return(env, jnp.array([0.3, -0.2]))) == pytest.approx(expected, 1e-5)
 
 
+def test_observe_goal_appends_the_goal_and_leaves_the_dynamics_and_the_oracle_unchanged():
+    """dataset.observe_goal (the paper's oracle policy's input): observations are [position, goal]; positions,
+    rewards and the analytic oracle's return are those of the plain env."""
+    from metarun.rl.envs import NavigationParams, navigation2d
+    from metarun.rl.references import navigation_oracle_return
+
+    plain, seeing = navigation2d(), navigation2d(observe_goal=True)
+    assert (plain.obs_size, seeing.obs_size) == (2, 4)
+    goal = jnp.array([0.3, -0.2])
+    params, key = NavigationParams(goal=goal), jax.random.PRNGKey(0)
+    (o1, s1), (o2, s2) = plain.reset(key, params), seeing.reset(key, params)
+    np.testing.assert_allclose(np.asarray(o2), [0.0, 0.0, 0.3, -0.2], rtol=1e-6)
+    for action in ([0.05, -0.3], [0.2, 0.01]):
+        o1, s1, r1, _ = plain.step(key, s1, jnp.array(action), params)
+        o2, s2, r2, _ = seeing.step(key, s2, jnp.array(action), params)
+        np.testing.assert_allclose(np.asarray(o2), np.concatenate([np.asarray(o1), [0.3, -0.2]]), rtol=1e-6)
+        assert float(r1) == float(r2)
+    assert float(navigation_oracle_return(seeing, goal)) == pytest.approx(float(navigation_oracle_return(plain, goal)))
+
+
 def test_bandit_summaries_carry_oracle_thompson_and_regret_rows_on_the_same_tasks():
     family = load_family(small("experiment=rl2_bernoulli_bandit", "dataset.horizon=50"))
     tasks = np.array([[0.9, 0.1, 0.9], [0.9, 0.9, 0.1]] * 10, np.float32)  # exp_reward_best, reward_probs

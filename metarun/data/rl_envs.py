@@ -29,6 +29,7 @@ class RLEnvConfig:
 class Navigation2DConfig(RLEnvConfig):
     """Finn et al. 2017 §5.3: goal ~ U[-0.5, 0.5]², actions clipped to ±0.1, reward −distance, horizon 100."""
     name: str = "navigation2d"
+    observe_goal: bool = False  # observations [position, goal]: the paper's oracle (experiment=oracle_rl_navigation2d)
 
 
 @dataclass
@@ -76,7 +77,7 @@ def _settings(cfg, env) -> RLSettings:
 @register("dataset", "navigation2d", schema=Navigation2DConfig, family="rl")
 def load_navigation2d(cfg, seed: int = 0) -> RLSettings:
     del seed  # tasks are drawn from the run's keys
-    return _settings(cfg, navigation2d(max_steps=int(cfg.horizon)))
+    return _settings(cfg, navigation2d(max_steps=int(cfg.horizon), observe_goal=bool(cfg.observe_goal)))
 
 
 def _gymnax(gymnax_name: str, cfg, time_limit_type=int, **params) -> RLSettings:

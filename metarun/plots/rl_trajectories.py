@@ -30,8 +30,9 @@ def navigation_paths(paths, goals, path, title: str = "navigation2d", panels: in
     for i in range(n):
         ax = fig.add_subplot(1, n, i + 1)
         for s in range(stages):
-            # the start (the origin) is prepended: observations are positions after each move
-            xy = np.concatenate([np.zeros((1, 2)), paths[i, s]])
+            # the start (the origin) is prepended: observations are positions after each move (then the goal,
+            # with dataset.observe_goal)
+            xy = np.concatenate([np.zeros((1, 2)), paths[i, s, :, :2]])
             ax.plot(xy[:, 0], xy[:, 1], "-", color=colors[s], linewidth=1.2,
                     label=f"{s} step{'s' if s != 1 else ''}" if i == 0 else None)
         ax.plot(*goals[i], marker="*", color="k", markersize=12, linestyle="none", label="goal" if i == 0 else None)

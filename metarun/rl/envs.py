@@ -60,13 +60,20 @@ NAV_SUCCESS_TOL = 0.01
 NAV_MAX_STEPS = 100
 
 
-def navigation2d(max_steps: int = NAV_MAX_STEPS) -> Env:
-    """The MAML paper's 2D point navigation with goals drawn uniformly from [-0.5, 0.5]²."""
+def navigation2d(max_steps: int = NAV_MAX_STEPS, observe_goal: bool = False) -> Env:
+    """The MAML paper's 2D point navigation with goals drawn uniformly from [-0.5, 0.5]².
+
+    observe_goal: the observation is [position, goal] instead of the position alone — the paper's "oracle"
+    policy, which receives the goal as input, is a policy trained jointly on this env (no adaptation needed).
+    """
+
+    def observe(pos, env_params):
+        return jnp.concatenate([pos, env_params.goal.astype(jnp.float32)]) if observe_goal else pos
 
     def reset(key, env_params):
-        del key, env_params  # deterministic start at the origin
+        del key  # deterministic start at the origin
         state = NavigationState(pos=jnp.zeros(2, jnp.float32), t=jnp.zeros((), jnp.int32))
-        return state.pos, state
+        return observe(state.pos, env_params), state
 
     def step(key, state, action, env_params):
         del key
@@ -75,13 +82,13 @@ def navigation2d(max_steps: int = NAV_MAX_STEPS) -> Env:
         reward = -jnp.sqrt(jnp.sum(diff**2))
         t = state.t + 1
         done = jnp.all(jnp.abs(diff) < NAV_SUCCESS_TOL) | (t >= max_steps)
-        return pos, NavigationState(pos=pos, t=t), reward, done
+        return observe(pos, env_params), NavigationState(pos=pos, t=t), reward, done
 
     def sample_task(key):
         return NavigationParams(goal=jax.random.uniform(key, (2,), jnp.float32, NAV_GOAL_LOW, NAV_GOAL_HIGH))
 
-    return Env("navigation2d", reset, step, sample_task, obs_size=2, action_size=2, discrete=False,
-               max_steps=max_steps)
+    return Env("navigation2d", reset, step, sample_task, obs_size=4 if observe_goal else 2, action_size=2,
+               discrete=False, max_steps=max_steps)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def navigation_oracle_return(env: Env, goal: jax.Array) -> jax.Array:
 
     def body(carry, _):
         obs, state, alive, total = carry
-        obs, state, reward, done = env.step(key, state, goal - obs, params)
+        obs, state, reward, done = env.step(key, state, goal - state.pos, params)
         return (obs, state, alive & ~done, total + reward * alive), None
 
     carry = (obs, state, jnp.array(True), jnp.zeros((), jnp.float32))
