@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -142,6 +144,23 @@ def summary_markdown(name: str, rows: List[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_stage(argv: List[str]) -> int:
+    """Run one stage as a child process and return its exit code. A SIGTERM or SIGHUP sent to the pipeline
+    (`kill PID`, a closed terminal, a scheduler's stop) is passed on to the stage and the pipeline waits for it:
+    otherwise the stage would go on training, orphaned, in the run dir the user believes stopped. (Ctrl-C
+    already reaches both: it signals the whole process group.)"""
+    child = subprocess.Popen(argv)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return child.wait()
+    forwarded_signals = (signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, lambda signum, frame: child.send_signal(signum)) for s in forwarded_signals}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def run(cfg, run_dir: Path, overrides: Optional[List[str]] = None, python: str = sys.executable) -> Optional[float]:
     """Run (or continue) every stage of cfg.pipeline in order; returns the last stage's score."""
     from metarun.runlock import RunLock
@@ -162,7 +181,7 @@ def run(cfg, run_dir: Path, overrides: Optional[List[str]] = None, python: str =
                     command = command + ["resume=true"]
                 log.info("pipeline stage %s (%s): metarun %s", name, status, " ".join(command))
                 start = time.perf_counter()
-                code = subprocess.call([python, "-m", "metarun", *command])
+                code = run_stage([python, "-m", "metarun", *command])
                 wall = time.perf_counter() - start
                 if code != 0 or not (stage_dir / RESULTS).exists():
                     raise UserError(f"pipeline stage {name} failed (exit {code}; its error is above, its run dir "

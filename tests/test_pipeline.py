@@ -125,3 +125,24 @@ def test_pipeline_on_fake_omniglot(tmp_path, fake_omniglot_overrides):
     assert meta["algo_config"]["init_from"] == str(out / "pretrain")
     subprocess.run(args, check=True, cwd=Path(__file__).resolve().parents[1])
     assert [r["status"] for r in json.loads((out / "pipeline.json").read_text())["stages"]] == ["done"] * 3
+
+
+def test_a_terminated_pipeline_stops_its_running_stage():
+    """SIGTERM to the pipeline process reaches the stage's child process (no orphaned training in the run dir);
+    the pipeline itself survives to report it, and its own handler is restored afterwards."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from metarun.pipeline import run_stage
+
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.start()
+    start = time.perf_counter()
+    code = run_stage([sys.executable, "-c", "import time; time.sleep(60)"])
+    timer.join()
+    assert code == -signal.SIGTERM  # the child was terminated by the forwarded signal, not left sleeping
+    assert time.perf_counter() - start < 30
+    assert signal.getsignal(signal.SIGTERM) is before
