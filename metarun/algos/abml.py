@@ -67,14 +67,13 @@ def abml(net: Net, family, inner_lr: float, inner_steps: int, samples: int = 1, 
             return objective(net.apply(w, support.x), support.y, support.mask)[0]
 
         q = adapt_posterior(meta_params["prior"], nll, key, inner_lr, inner_steps, samples, inner_kl, first_order)
-        return {"q": q, "support": support} if record else {"q": q, "support_x": support.x}
+        return {"q": q, "support": support}
 
     def loss(meta_params, algo_state, task_state, query, key):
         del algo_state
         q = task_state["q"]
         weights = sample_weights(q, key, n_eval)
-        support_x = task_state["support"].x if record else task_state["support_x"]
-        outputs = map_copies(lambda w: net.apply_query(w, query.x, support_x), weights)
+        outputs = map_copies(lambda w: net.apply_query(w, query.x, task_state["support"].x), weights)
         expected = jax.vmap(lambda o: objective(o, query.y, query.mask)[0])(outputs).mean()
         _, metrics = ensemble_metrics(family, outputs, query)
         total = expected

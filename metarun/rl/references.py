@@ -19,15 +19,15 @@ def navigation_oracle_return(env: Env, goal: jax.Array) -> jax.Array:
     maximum speed), through the env's own dynamics: the best any policy can do on this goal."""
     params = NavigationParams(goal=goal)
     key = jax.random.PRNGKey(0)  # navigation2d is deterministic; the key is unused
-    obs, state = env.reset(key, params)
+    _, state = env.reset(key, params)
 
     def body(carry, _):
-        obs, state, alive, total = carry
-        obs, state, reward, done = env.step(key, state, goal - state.pos, params)
-        return (obs, state, alive & ~done, total + reward * alive), None
+        state, alive, total = carry
+        _, state, reward, done = env.step(key, state, goal - state.pos, params)
+        return (state, alive & ~done, total + reward * alive), None
 
-    carry = (obs, state, jnp.array(True), jnp.zeros((), jnp.float32))
-    return jax.lax.scan(body, carry, None, length=env.max_steps)[0][3]
+    carry = (state, jnp.array(True), jnp.zeros((), jnp.float32))
+    return jax.lax.scan(body, carry, None, length=env.max_steps)[0][2]
 
 
 def bernoulli_thompson_return(probs: jax.Array, key: jax.Array, horizon: int, runs: int = 20) -> jax.Array:
