@@ -120,4 +120,4 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
             "first_order": bool(a.first_order), "posterior": "diagonal Gaussian over all weights"}
     net = Net(c.learner(c.family.head_dim(c.phase)), c.train, c.transductive)
     return abml(net, c.family, a.inner_lr, steps, a.samples, a.eval_samples, a.kl_weight, a.outer_kl_weight,
-                a.init_log_std, a.first_order, info, record=not c.train and c.family.kind == "regression")
+                a.init_log_std, a.first_order, info, record=c.records_regression)

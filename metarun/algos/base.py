@@ -104,6 +104,12 @@ class Collaborators:
     def train(self) -> bool:
         return self.phase == "train"
 
+    @property
+    def records_regression(self) -> bool:
+        """Whether a regression algorithm's eval build should keep its predictions for the
+        predictions plot (eval builds on regression families only: training never pays for it)."""
+        return not self.train and self.family.kind == "regression"
+
     def inner_steps_for(self, algo_cfg) -> int:
         """The inner steps of this build: the evaluator's override, else the config's training or
         test-time count (`algo.inner_steps` / `algo.eval_inner_steps`)."""

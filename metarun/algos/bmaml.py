@@ -136,4 +136,4 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
             "first_order": bool(a.first_order), "kernel": "rbf, median bandwidth", "weight_prior": "none"}
     net = Net(c.learner(c.family.head_dim(c.phase)), c.train, c.transductive)
     return bmaml(net, c.family, a.particles, a.inner_lr, steps, a.leader_steps, a.first_order, info,
-                 record=not c.train and c.family.kind == "regression")
+                 record=c.records_regression)

@@ -218,4 +218,4 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
             "inner_steps": a.inner_steps, "eval_inner_steps": a.eval_inner_steps, "inner_optimizer": "sgd",
             **({"maml++": asdict(options)} if options.any else {})}
     return maml(net, c.family.objective, a.inner_lr, steps, a.first_order, options, a.inner_steps, info=info,
-                record=not c.train and c.family.kind == "regression")
+                record=c.records_regression)
