@@ -12,7 +12,9 @@
   run's `dataset.x_range`.
 
 Each table goes between its own markers in --table (the prose around them is kept); a file without the
-markers gets them appended.
+markers gets them appended. `--keep-absent` keeps the rows already in --table whose run is not among the
+collected ones (their run dirs live on another machine or were cleaned up): a new row can then be added
+without the old run dirs, and a collected run replaces its old row.
 """
 from __future__ import annotations
 
@@ -164,6 +166,36 @@ def sinusoid_markdown(rows) -> str:
           x["episodes"], x["run"]] for x in rows])
 
 
+def _cells(line: str) -> List[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def keep_absent(path: Path, markers, table: str, sort_key) -> str:
+    """`table` plus the rows between `markers` in `path` whose last cell (the run) `table` does not hold,
+    all data rows ordered by sort_key(cells)."""
+    text = path.read_text() if path.exists() else ""
+    if markers[0] not in text:
+        return table
+    old = text.split(markers[0], 1)[1].split(markers[1], 1)[0].strip().splitlines()[2:]
+    header, rows = table.splitlines()[:2], table.splitlines()[2:]
+    runs = {_cells(r)[-1] for r in rows}
+    rows += [r for r in old if r.startswith("|") and _cells(r)[-1] not in runs]
+    return "\n".join(header + sorted(rows, key=lambda r: sort_key(_cells(r)))) + "\n"
+
+
+def omniglot_sort_key(cells: List[str]):
+    """(ways, shots, algorithm order, run) from a row's cells ("5-way 1-shot", algorithm, ..., run)."""
+    ways, shots = (int(part.split("-")[0]) for part in cells[0].split())
+    order = {a: i for i, a in enumerate(ALGO_ORDER)}
+    return ways, shots, order.get(cells[1], len(order)), cells[1], cells[-1]
+
+
+def sinusoid_sort_key(cells: List[str]):
+    """(algorithm, run, test-time steps) from a row's cells."""
+    steps = int(cells[1]) if cells[1].isdigit() else -1
+    return cells[0], cells[-1], steps
+
+
 def write_block(path: Path, markers, table: str) -> None:
     """The table between `markers` in `path` (prose kept); the markers are appended when absent."""
     if not path.exists() or markers[0] not in path.read_text():
@@ -176,9 +208,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--collect", nargs="+", required=True, help="run or multirun dirs (searched recursively)")
     p.add_argument("--table", default=None, help="write both tables into this markdown file between their markers")
+    p.add_argument("--keep-absent", action="store_true",
+                   help="keep --table's rows whose run is not collected (a collected run replaces its row)")
     a = p.parse_args(argv)
     dirs = find_results(a.collect)
     omniglot, sinusoid = omniglot_markdown(omniglot_rows(dirs)), sinusoid_markdown(sinusoid_rows(dirs))
+    if a.keep_absent and a.table:
+        omniglot = keep_absent(Path(a.table), OMNIGLOT, omniglot, omniglot_sort_key)
+        sinusoid = keep_absent(Path(a.table), SINUSOID, sinusoid, sinusoid_sort_key)
     print(omniglot)
     print(sinusoid)
     if a.table:

@@ -86,3 +86,23 @@ def test_both_tables_go_between_their_markers_and_the_prose_stays(tmp_path):
     bare.write_text("prose\n")
     bayes_table.main(["--collect", str(tmp_path / "runs"), "--table", str(bare)])
     assert bare.read_text().startswith(f"prose\n\n{o[0]}\n| setting |") and s[1] in bare.read_text()
+
+
+def test_keep_absent_keeps_old_rows_in_order_and_a_collected_run_replaces_its_row(tmp_path):
+    """--keep-absent: rows whose run dirs are gone stay, a re-collected run's row is replaced, order kept."""
+    _omniglot(tmp_path / "first", "maml", 5, 0.92, ece=0.03)
+    _omniglot(tmp_path / "first", "protonet", 20, 0.95, ece=0.01)
+    doc = tmp_path / "bayesian.md"
+    bayes_table.main(["--collect", str(tmp_path / "first"), "--table", str(doc)])
+    # Later, on a machine holding only a new bmaml run and a re-run of maml:
+    _omniglot(tmp_path / "second", "bmaml", 5, 0.91, ece=0.05)
+    _omniglot(tmp_path / "second", "maml", 5, 0.93, ece=0.03)
+    bayes_table.main(["--collect", str(tmp_path / "second"), "--table", str(doc), "--keep-absent"])
+    block = doc.read_text().split(bayes_table.OMNIGLOT[0])[1].split(bayes_table.OMNIGLOT[1])[0]
+    rows = [line for line in block.strip().splitlines()[2:]]
+    assert [r.split("|")[2].strip() for r in rows] == ["bmaml", "maml", "protonet"]
+    assert "93.00 ± 0.42" in rows[1] and "92.00" not in block  # the re-collected maml replaced its row
+    assert rows[2].startswith("| 20-way 1-shot | protonet | 95.00")
+    # Without the flag the table is exactly the collected runs.
+    bayes_table.main(["--collect", str(tmp_path / "second"), "--table", str(doc)])
+    assert "protonet" not in doc.read_text()

@@ -117,6 +117,36 @@ def test_first_order_maml_rl_is_the_query_gradient_at_the_adapted_weights():
     assert gap > 1e-4  # the inner step's Hessian term is really there in the second-order version
 
 
+def test_lvc_inner_estimator_adapts_alike_and_changes_only_the_second_order_meta_gradient():
+    """algo.inner_estimator=lvc (ProMP): the adapted weights and the first-order meta-gradient equal plain
+    REINFORCE's; the second-order meta-gradient differs (the exploration term is in it)."""
+    from metarun.algos.base import task_grad
+
+    base = ["algo=maml_rl", "dataset=navigation2d", "learner=gaussian_mlp", "learner.hidden=[8]",
+            "dataset.horizon=10", "dataset.fast_batch=4"]
+    family = load_family(small(*base))
+    task = family.sampler("train")({}, jax.random.PRNGKey(5))
+    key = jax.random.PRNGKey(9)
+
+    def build(*extra):
+        return make_algo(small(*base, *extra), family, "train")
+
+    params, _ = build().init(KEY, task)
+    adapted = [build(*e).adapt(params, {}, task.support, key)["params"]
+               for e in ([], ["algo.inner_estimator=lvc"])]
+    for a, b in zip(*(jax.tree.leaves(p) for p in adapted)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+    def meta_grad(*extra):
+        algo = build(*extra)
+        return jax.tree.leaves(jax.jit(lambda p: task_grad(algo, p, {}, task, key))(params)[0])
+
+    for a, b in zip(meta_grad("algo.first_order=true"), meta_grad("algo.first_order=true", "algo.inner_estimator=lvc")):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    gap = max(float(jnp.abs(a - b).max()) for a, b in zip(meta_grad(), meta_grad("algo.inner_estimator=lvc")))
+    assert gap > 1e-4
+
+
 def test_the_navigation_oracle_moves_straight_to_the_goal_at_full_speed():
     from metarun.rl.references import navigation_oracle_return
     from metarun.rl.envs import navigation2d
@@ -243,6 +273,8 @@ def test_a_resumed_maml_rl_run_ends_where_an_uninterrupted_one_does(tmp_path):
     (["algo=maml_rl", "dataset=navigation2d", "learner=gaussian_mlp", "dataset.horizon=0"],
      "dataset.horizon=0 must be >= 1"),
     (["algo=maml_rl", "dataset=navigation2d", "learner=gru"], "learner=gru is for algo=rl2"),
+    (["algo=maml_rl", "dataset=navigation2d", "learner=gaussian_mlp", "algo.inner_estimator=dice"],
+     "algo.inner_estimator=dice is unknown"),
     (["algo=rl2", "dataset=bernoulli_bandit", "learner=categorical_mlp"], "use learner=gru"),
     (["algo=maml", "dataset=navigation2d", "learner=gaussian_mlp"], "train it with algo=maml_rl or algo=rl2"),
     (["algo=maml_rl", "dataset=sinusoid", "task=regression", "learner=mlp"], "algo=maml_rl needs an RL environment"),

@@ -16,8 +16,12 @@ outer: "reinforce" — the meta-gradient of that surrogate goes to `meta_opt` (A
   a step; metarun.algos.own_step).
 
 Gradients flow only through log π of recorded actions (the rollouts use stop_gradient(params)), as
-pytorch-maml-rl: the dependence of the inner rollout's sampling distribution on θ (DiCE / ProMP's
-extra term) is not differentiated. `first_order=True` drops the inner step's second derivatives.
+pytorch-maml-rl. With `inner_estimator="reinforce"` (the default, pytorch-maml-rl's) the dependence of the
+inner rollout's sampling distribution on θ is therefore not differentiated; `inner_estimator="lvc"` makes
+the inner objective ProMP's low-variance curvature surrogate (metarun.rl.policy_gradient.lvc_loss): the
+same inner step, and a meta-gradient that adds the per-step score-function term — credit for the
+pre-update policy's exploration. `first_order=True` drops the inner step's second derivatives (and with
+them any difference between the two estimators).
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from metarun.algos.own_step import META_OPT_VIEW, WEIGHT_DECAY_VIEW, check_appli
 from metarun.errors import UserError
 from metarun.inner import inner_loop
 from metarun.registry import register
-from metarun.rl.policy_gradient import masked_mean, reinforce_loss
+from metarun.rl.policy_gradient import INNER_ESTIMATORS, masked_mean, reinforce_loss
 from metarun.rl.rollout import Trajectories, policy_log_probs
 from metarun.rl.trpo import (TRPOSettings, kl_divergence, kl_hessian_vector_product, line_search,
                              natural_gradient_step, tree_axpy)
@@ -59,7 +63,8 @@ class TRPOBatch(NamedTuple):
 
 def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool = False,
             baseline_reg: float = 1e-5, normalize_advantages: bool = True, record: bool = False,
-            info=None, outer: str = "reinforce", trpo: Optional[TRPOSettings] = None) -> MetaAlgorithm:
+            info=None, outer: str = "reinforce", trpo: Optional[TRPOSettings] = None,
+            inner_estimator: str = "reinforce") -> MetaAlgorithm:
     """Builds MAML-RL over a feed-forward policy module (obs -> distribution) and an `rl` family.
 
     meta_params: the policy's params; algo_state: {}.
@@ -71,16 +76,18 @@ def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool
     rollout, NaN after its end) for its trajectory plot. "_" keeps both out of the summaries.
     outer: "reinforce" (the default meta-step) or "trpo" (`trpo_meta_step`, with `trpo` settings; its
     meta-step returns −step: apply it with optax.sgd(1.0)). Adaptation and evaluation are the same for both.
+    inner_estimator: the inner step's surrogate, "reinforce" or "lvc" (ProMP); both take the same step.
     """
+    inner_surrogate = inner_estimator_loss(inner_estimator)
     record_paths = record and family.draws_paths
 
     def apply(params, obs):
         return policy.apply({"params": params}, obs)
 
-    def pg_loss(params, traj):
-        """REINFORCE surrogate with the per-batch linear baseline and GAE; its gradient is the PG estimate."""
+    def pg_loss(params, traj, surrogate=reinforce_loss):
+        """Surrogate with the per-batch linear baseline and GAE; its gradient is the PG estimate."""
         adv = family.advantages(traj, baseline_reg, normalize_advantages)
-        return reinforce_loss(policy_log_probs(apply, params, traj), adv, traj.valid)
+        return surrogate(policy_log_probs(apply, params, traj), adv, traj.valid)
 
     def first_path(traj):
         return jnp.where(traj.valid[:, 0, None] > 0, traj.obs[:, 0], jnp.nan)
@@ -96,7 +103,8 @@ def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool
             del step
             # Actions are data: sample with the current fast weights, differentiate only log π.
             traj = family.rollout(apply, jax.lax.stop_gradient(fast), support.env_params, step_key)
-            return pg_loss(fast, traj), (family.mean_return(traj), first_path(traj) if record_paths else None)
+            return pg_loss(fast, traj, inner_surrogate), (family.mean_return(traj),
+                                                          first_path(traj) if record_paths else None)
 
         keys = jax.random.split(key, max(inner_steps, 1))[:inner_steps]  # [0, 2] when 0: the scan still traces
         fast, _, (returns, paths), _ = inner_loop(step_loss, meta_params, optax.sgd(inner_lr), inner_steps,
@@ -122,9 +130,17 @@ def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool
         return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})
     if outer != "trpo":
         raise ValueError(f"outer={outer!r}: expected one of {OUTERS}")
-    pieces = trpo_pieces(apply, family, inner_lr, inner_steps, first_order, baseline_reg, normalize_advantages)
+    pieces = trpo_pieces(apply, family, inner_lr, inner_steps, first_order, baseline_reg, normalize_advantages,
+                         inner_estimator)
     return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {},
                          meta_step=trpo_meta_step(pieces, trpo or TRPOSettings()))
+
+
+def inner_estimator_loss(name: str) -> Callable:
+    """The inner step's surrogate by name (metarun.rl.policy_gradient.INNER_ESTIMATORS)."""
+    if name not in INNER_ESTIMATORS:
+        raise ValueError(f"inner_estimator={name!r}: expected one of {tuple(INNER_ESTIMATORS)}")
+    return INNER_ESTIMATORS[name]
 
 
 class TRPOPieces(NamedTuple):
@@ -146,11 +162,17 @@ class TRPOPieces(NamedTuple):
 
 
 def trpo_pieces(apply: Callable, family, inner_lr: float, inner_steps: int, first_order: bool = False,
-                baseline_reg: float = 1e-5, normalize_advantages: bool = True) -> TRPOPieces:
+                baseline_reg: float = 1e-5, normalize_advantages: bool = True,
+                inner_estimator: str = "reinforce") -> TRPOPieces:
     """The per-task pieces of MAML-TRPO for a policy `apply(params, obs) -> distribution` and an `rl` family."""
     inner_opt = optax.sgd(inner_lr)
+    inner_surrogate = inner_estimator_loss(inner_estimator)
 
     def inner_objective(fast, batch):
+        traj, adv = batch
+        return inner_surrogate(policy_log_probs(apply, fast, traj), adv, traj.valid)
+
+    def outer_objective(fast, batch):
         traj, adv = batch
         return reinforce_loss(policy_log_probs(apply, fast, traj), adv, traj.valid)
 
@@ -170,7 +192,7 @@ def trpo_pieces(apply: Callable, family, inner_lr: float, inner_steps: int, firs
         query = family.rollout(apply, fast, task.query.env_params, loss_key)
         adv = family.advantages(query, baseline_reg, normalize_advantages)
         after = family.mean_return(query)
-        metrics = {"loss": inner_objective(fast, (query, adv)), "return": after,
+        metrics = {"loss": outer_objective(fast, (query, adv)), "return": after,
                    "return_before": returns[0] if inner_steps > 0 else after}
         return TRPOBatch(support, query, adv, apply(fast, query.obs)), metrics
 
@@ -252,6 +274,9 @@ class MAMLRLConfig:
     baseline_reg: float = 1e-5     # ridge λ of the linear feature baseline
     normalize_advantages: bool = True
     outer: str = "reinforce"       # reinforce (meta-gradient to meta_opt) | trpo (the paper's; needs meta_opt=sgd, lr 1.0)
+    # The inner step's surrogate: reinforce (pytorch-maml-rl's) | lvc (ProMP's low-variance curvature: the same
+    # step, plus credit in the meta-gradient for the pre-update policy's exploration; second order only)
+    inner_estimator: str = "reinforce"
     # outer=trpo (pytorch-maml-rl's 2D-navigation values)
     max_kl: float = 0.01
     cg_iters: int = 10
@@ -269,6 +294,9 @@ def check_outer(a) -> None:
     meta_opt that would not apply its step unchanged (metarun.algos.own_step)."""
     if a.outer not in OUTERS:
         raise UserError(f"algo.outer={a.outer} is unknown; expected one of: {', '.join(OUTERS)}")
+    if a.inner_estimator not in INNER_ESTIMATORS:
+        raise UserError(f"algo.inner_estimator={a.inner_estimator} is unknown; expected one of: "
+                        f"{', '.join(INNER_ESTIMATORS)}")
     if a.outer != "trpo":
         return
     for key, ok, expected in (("max_kl", a.max_kl > 0, "> 0"), ("cg_iters", a.cg_iters >= 1, ">= 1"),
@@ -290,6 +318,7 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
         raise UserError("algo=maml_rl adapts a feed-forward policy: use learner=gaussian_mlp or "
                         "learner=categorical_mlp (learner=gru is for algo=rl2)")
     outer = a.get("outer", "reinforce")  # configs saved before outer= existed ran REINFORCE
+    inner_estimator = a.get("inner_estimator", "reinforce")  # likewise before inner_estimator= existed
     if c.train:
         check_outer(a)
     steps = c.inner_steps_for(a)
@@ -297,7 +326,7 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
             "first_order": bool(a.first_order), "inner_lr": a.inner_lr, "inner_steps": a.inner_steps,
             "eval_inner_steps": a.eval_inner_steps, "inner_optimizer": "sgd (REINFORCE, linear baseline, GAE)",
             "outer": "REINFORCE through meta_opt (not TRPO)", "baseline_reg": a.baseline_reg,
-            "normalize_advantages": bool(a.normalize_advantages)}
+            "normalize_advantages": bool(a.normalize_advantages), "inner_estimator": inner_estimator}
     trpo = None
     if outer == "trpo":
         trpo = TRPOSettings(max_kl=a.max_kl, cg_iters=a.cg_iters, cg_damping=a.cg_damping,
@@ -308,4 +337,4 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
                                                      "ls_backtrack_ratio")})
     policy = c.learner(c.family.head_dim(c.phase))
     return maml_rl(policy, c.family, a.inner_lr, steps, a.first_order, a.baseline_reg, a.normalize_advantages,
-                   record=not c.train, info=info, outer=outer, trpo=trpo)
+                   record=not c.train, info=info, outer=outer, trpo=trpo, inner_estimator=inner_estimator)

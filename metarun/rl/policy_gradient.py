@@ -145,3 +145,21 @@ def reinforce_loss(log_probs: jax.Array, advantages: jax.Array, valid: jax.Array
     pytorch-maml-rl averages per episode and then over episodes; with equal lengths the two agree.
     """
     return -masked_mean(log_probs * jax.lax.stop_gradient(advantages), valid)
+
+
+def lvc_loss(log_probs: jax.Array, advantages: jax.Array, valid: jax.Array) -> jax.Array:
+    """ProMP's low-variance curvature surrogate (Rothfuss et al. 2019, eq. 9): −E[π/⊥π · A_t].
+
+    The ratio exp(log π − stop_gradient(log π)) is 1 in value, so the gradient equals REINFORCE's
+    (`reinforce_loss`); the second derivative differs. REINFORCE's Hessian is Σ_t A_t ∇²log π_t — it
+    treats the sampled actions as fixed data. LVC's is Σ_t A_t (∇log π_t ∇log π_tᵀ + ∇²log π_t). The
+    added outer product is the per-step score-function term: how the pre-update policy's sampling
+    distribution shapes the inner step. As MAML's inner objective, its meta-gradient therefore credits the
+    pre-update policy's exploration, which the plain surrogate does not. Per-step ratios, not products
+    over the trajectory: the variance-reduced (biased) form the ProMP paper proposes over DiCE.
+    """
+    ratio = jnp.exp(log_probs - jax.lax.stop_gradient(log_probs))
+    return -masked_mean(ratio * jax.lax.stop_gradient(advantages), valid)
+
+
+INNER_ESTIMATORS = {"reinforce": reinforce_loss, "lvc": lvc_loss}
