@@ -197,7 +197,7 @@ def test_outer_reinforce_keeps_the_default_meta_step():
     (["meta_opt.grad_clip=1.0"], "grad_clip=1.0"),
     (["meta_opt.schedule=cosine"], "schedule=cosine"),
     (["regularize.weight_decay=0.01"], "regularize.weight_decay=0.01"),
-    (["algo.outer=ppo"], "algo.outer=ppo is unknown"),
+    (["algo.outer=dice"], "algo.outer=dice is unknown"),
     (["algo.max_kl=0"], "algo.max_kl=0"),
     (["algo.ls_backtrack_ratio=1.0"], "algo.ls_backtrack_ratio=1.0 must be in (0, 1)"),
 ])

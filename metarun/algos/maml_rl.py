@@ -38,12 +38,12 @@ from metarun.algos.own_step import META_OPT_VIEW, WEIGHT_DECAY_VIEW, check_appli
 from metarun.errors import UserError
 from metarun.inner import inner_loop
 from metarun.registry import register
-from metarun.rl.policy_gradient import INNER_ESTIMATORS, masked_mean, reinforce_loss
+from metarun.rl.policy_gradient import INNER_ESTIMATORS, clipped_surrogate_loss, masked_mean, reinforce_loss
 from metarun.rl.rollout import Trajectories, policy_log_probs
 from metarun.rl.trpo import (TRPOSettings, kl_divergence, kl_hessian_vector_product, line_search,
                              natural_gradient_step, tree_axpy)
 
-OUTERS = ("reinforce", "trpo")
+OUTERS = ("reinforce", "trpo", "ppo")
 
 
 class TRPOBatch(NamedTuple):
@@ -64,10 +64,10 @@ class TRPOBatch(NamedTuple):
 def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool = False,
             baseline_reg: float = 1e-5, normalize_advantages: bool = True, record: bool = False,
             info=None, outer: str = "reinforce", trpo: Optional[TRPOSettings] = None,
-            inner_estimator: str = "reinforce") -> MetaAlgorithm:
+            inner_estimator: str = "reinforce", ppo: Optional["PPOSettings"] = None) -> MetaAlgorithm:
     """Builds MAML-RL over a feed-forward policy module (obs -> distribution) and an `rl` family.
 
-    meta_params: the policy's params; algo_state: {}.
+    meta_params: the policy's params; algo_state: {} ({"ppo_opt": Adam state, "inner_kl_coef": η} with outer="ppo").
     Metrics per task: `return` (the adapted policy's query rollouts), `return_before` (the first
     support rollout, i.e. the meta-policy before adaptation), `loss` (the outer surrogate).
     record (evaluation): also `_task` (the task's parameters as a vector: the family's reference rows,
@@ -92,9 +92,15 @@ def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool
     def first_path(traj):
         return jnp.where(traj.valid[:, 0, None] > 0, traj.obs[:, 0], jnp.nan)
 
+    ppo = ppo or PPOSettings()
+
     def init(key, task):
         del task
-        return policy.init(key, jnp.zeros((1, family.env.obs_size), jnp.float32))["params"], {}
+        params = policy.init(key, jnp.zeros((1, family.env.obs_size), jnp.float32))["params"]
+        if outer != "ppo":
+            return params, {}
+        return params, {"ppo_opt": optax.adam(ppo.lr).init(params),
+                        "inner_kl_coef": jnp.asarray(ppo.inner_kl_coef, jnp.float32)}
 
     def adapt(meta_params, algo_state, support, key):
         del algo_state
@@ -128,10 +134,13 @@ def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool
 
     if outer == "reinforce":
         return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})
-    if outer != "trpo":
+    if outer not in ("trpo", "ppo"):
         raise ValueError(f"outer={outer!r}: expected one of {OUTERS}")
     pieces = trpo_pieces(apply, family, inner_lr, inner_steps, first_order, baseline_reg, normalize_advantages,
                          inner_estimator)
+    if outer == "ppo":
+        return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {},
+                             meta_step=ppo_meta_step(pieces, apply, ppo))
     return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {},
                          meta_step=trpo_meta_step(pieces, trpo or TRPOSettings()))
 
@@ -170,7 +179,8 @@ def trpo_pieces(apply: Callable, family, inner_lr: float, inner_steps: int, firs
 
     def inner_objective(fast, batch):
         traj, adv = batch
-        return inner_surrogate(policy_log_probs(apply, fast, traj), adv, traj.valid)
+        # Recorded behaviour log π: a replay from other parameters is importance-weighted under lvc (ProMP).
+        return inner_surrogate(policy_log_probs(apply, fast, traj), adv, traj.valid, traj.log_probs)
 
     def outer_objective(fast, batch):
         traj, adv = batch
@@ -264,6 +274,71 @@ def trpo_meta_step(pieces: TRPOPieces, settings: TRPOSettings) -> Callable:
     return meta_step
 
 
+class PPOSettings(NamedTuple):
+    """ProMP's outer step (Rothfuss et al. 2019; jonasrothfuss/ProMP's defaults): `epochs` Adam steps (lr `lr`)
+    of the PPO-clip surrogate (clip `clip_eps`) on one sampled meta-batch, plus η·KL(π_θold ‖ π_θ) of the
+    pre-update policy on the first support batch, η adapted after each meta-step towards `inner_kl_target`
+    (halved below target/1.5, doubled above target·1.5) unless `adaptive_kl` is off."""
+    epochs: int = 5
+    lr: float = 1e-3
+    clip_eps: float = 0.2
+    inner_kl_coef: float = 1e-2
+    inner_kl_target: float = 0.01
+    adaptive_kl: bool = True
+
+
+def ppo_meta_step(pieces: TRPOPieces, apply: Callable, settings: PPOSettings) -> Callable:
+    """ProMP's meta-step as a MetaAlgorithm.meta_step: sample the meta-batch once with the current θ_old
+    (`pieces.sample`: support batches, query rollouts of the adapted policy, their advantages and action
+    distributions), then `epochs` Adam steps on the mean over tasks of
+
+        −mean(min(r·A, clip(r, 1 ± ε)·A)) + η · mean KL(π_θold(·|s) ‖ π_θ(·|s)),
+
+    r = π_θ'(a|s) / π_θ'old(a|s) on the query rollouts, θ' = the inner steps replayed from θ on the recorded
+    support batches (second order, and importance-weighted under inner_estimator=lvc), the KL on the first
+    support batch's observations. Returns ("grads" = θ_old − θ_new, algo_state, metrics): optax.sgd(1.0) lands
+    on θ_new. Adam's moments persist in algo_state["ppo_opt"] across meta-steps (one PPO optimiser).
+    """
+    optimizer = optax.adam(settings.lr)
+
+    def meta_step(meta_params, algo_state, tasks, key, map_tasks):
+        keys = jax.random.split(key, jax.tree.leaves(tasks)[0].shape[0])
+        batches, metrics = map_tasks(lambda t, k: pieces.sample(meta_params, t, k), tasks, keys)
+        coef = algo_state["inner_kl_coef"]
+
+        def task_loss(params, batch: TRPOBatch):
+            fast = pieces.adapt_on(params, batch.support)
+            query = batch.query
+            surrogate, clipped = clipped_surrogate_loss(apply(fast, query.obs).log_prob(query.actions),
+                                                        batch.old.log_prob(query.actions), batch.advantages,
+                                                        query.valid, settings.clip_eps)
+            first = jax.tree.map(lambda x: x[0], batch.support[0])  # the pre-update policy's support batch
+            old_pre = apply(jax.lax.stop_gradient(meta_params), first.obs)
+            inner_kl = masked_mean(kl_divergence(old_pre, apply(params, first.obs)), first.valid)
+            return surrogate + coef * inner_kl, (surrogate, clipped, inner_kl)
+
+        def epoch(carry, _):
+            params, opt_state = carry
+            (value, aux), grads = mean_over_tasks(map_tasks(
+                lambda b, k: jax.value_and_grad(task_loss, has_aux=True)(params, b), batches, keys))
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), (value, *aux)
+
+        (params, opt_state), (values, surrogates, clipped, inner_kls) = jax.lax.scan(
+            epoch, (meta_params, algo_state["ppo_opt"]), None, length=settings.epochs)
+        inner_kl = inner_kls[-1]
+        if settings.adaptive_kl:  # ProMP's _adapt_kl_coeff, on the last epoch's KL
+            coef = jnp.where(inner_kl < settings.inner_kl_target / 1.5, coef / 2,
+                             jnp.where(inner_kl > settings.inner_kl_target * 1.5, coef * 2, coef))
+        step = jax.tree.map(lambda before, after: before - after, meta_params, params)
+        metrics = {**mean_over_tasks(metrics), "ppo_loss_first": values[0], "ppo_loss_last": values[-1],
+                   "ppo_surrogate_last": surrogates[-1], "ppo_clip_fraction": clipped[-1],
+                   "ppo_inner_kl": inner_kl, "ppo_inner_kl_coef": coef}
+        return step, {**algo_state, "ppo_opt": opt_state, "inner_kl_coef": coef}, metrics
+
+    return meta_step
+
+
 @dataclass
 class MAMLRLConfig:
     name: str = "maml_rl"
@@ -274,6 +349,13 @@ class MAMLRLConfig:
     baseline_reg: float = 1e-5     # ridge λ of the linear feature baseline
     normalize_advantages: bool = True
     outer: str = "reinforce"       # reinforce (meta-gradient to meta_opt) | trpo (the paper's; needs meta_opt=sgd, lr 1.0)
+    # outer=ppo (ProMP's outer step; jonasrothfuss/ProMP's defaults; needs meta_opt=sgd, lr 1.0)
+    ppo_epochs: int = 5
+    ppo_lr: float = 1e-3
+    clip_eps: float = 0.2
+    inner_kl_coef: float = 1e-2    # initial η of the pre-update policy's KL penalty
+    inner_kl_target: float = 0.01  # adaptive η aims at this KL (halve below target/1.5, double above 1.5x)
+    adaptive_kl: bool = True
     # The inner step's surrogate: reinforce (pytorch-maml-rl's) | lvc (ProMP's low-variance curvature: the same
     # step, plus credit in the meta-gradient for the pre-update policy's exploration; second order only)
     inner_estimator: str = "reinforce"
@@ -297,6 +379,15 @@ def check_outer(a) -> None:
     if a.inner_estimator not in INNER_ESTIMATORS:
         raise UserError(f"algo.inner_estimator={a.inner_estimator} is unknown; expected one of: "
                         f"{', '.join(INNER_ESTIMATORS)}")
+    if a.outer == "ppo":
+        for key, ok, expected in (("ppo_epochs", a.ppo_epochs >= 1, ">= 1"), ("ppo_lr", a.ppo_lr > 0, "> 0"),
+                                  ("clip_eps", 0 < a.clip_eps < 1, "in (0, 1)"),
+                                  ("inner_kl_coef", a.inner_kl_coef >= 0, ">= 0"),
+                                  ("inner_kl_target", a.inner_kl_target > 0, "> 0")):
+            if not ok:
+                raise UserError(f"algo.{key}={a[key]} must be {expected} (algo.outer=ppo)")
+        check_applies_step_unchanged(a, "algo.outer=ppo")
+        return
     if a.outer != "trpo":
         return
     for key, ok, expected in (("max_kl", a.max_kl > 0, "> 0"), ("cg_iters", a.cg_iters >= 1, ">= 1"),
@@ -335,6 +426,15 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
                          "backtracking line search; applied by meta_opt=sgd lr 1.0")
         info.update({k: getattr(trpo, k) for k in ("max_kl", "cg_iters", "cg_damping", "ls_max_steps",
                                                      "ls_backtrack_ratio")})
+    ppo = None
+    if outer == "ppo":
+        ppo = PPOSettings(epochs=a.ppo_epochs, lr=a.ppo_lr, clip_eps=a.clip_eps, inner_kl_coef=a.inner_kl_coef,
+                          inner_kl_target=a.inner_kl_target, adaptive_kl=bool(a.adaptive_kl))
+        info["outer"] = (f"PPO-clip as ProMP: {a.ppo_epochs} Adam epochs per meta-batch (lr {a.ppo_lr}, clip "
+                         f"{a.clip_eps}) + η·KL of the pre-update policy; applied by meta_opt=sgd lr 1.0")
+        info.update({"ppo_epochs": a.ppo_epochs, "ppo_lr": a.ppo_lr, "clip_eps": a.clip_eps,
+                     "inner_kl_coef": a.inner_kl_coef, "inner_kl_target": a.inner_kl_target,
+                     "adaptive_kl": bool(a.adaptive_kl)})
     policy = c.learner(c.family.head_dim(c.phase))
     return maml_rl(policy, c.family, a.inner_lr, steps, a.first_order, a.baseline_reg, a.normalize_advantages,
-                   record=not c.train, info=info, outer=outer, trpo=trpo, inner_estimator=inner_estimator)
+                   record=not c.train, info=info, outer=outer, trpo=trpo, inner_estimator=inner_estimator, ppo=ppo)

@@ -138,16 +138,21 @@ def linear_baseline_advantages(traj: Trajectories, gamma: float = 0.99, lam: flo
     return normalize_advantages(adv, traj.valid) if normalize else adv
 
 
-def reinforce_loss(log_probs: jax.Array, advantages: jax.Array, valid: jax.Array) -> jax.Array:
+def reinforce_loss(log_probs: jax.Array, advantages: jax.Array, valid: jax.Array,
+                   behaviour_log_probs: Optional[jax.Array] = None) -> jax.Array:
     """REINFORCE surrogate −E[log π(a_t|s_t) · A_t] averaged over the valid steps of the batch.
 
     Its gradient is the policy-gradient estimate; advantages are treated as constants. Note:
     pytorch-maml-rl averages per episode and then over episodes; with equal lengths the two agree.
+    behaviour_log_probs is ignored (accepted so the inner estimators share one signature): a replay from other
+    parameters is not importance-weighted, as in pytorch-maml-rl's TRPO.
     """
+    del behaviour_log_probs
     return -masked_mean(log_probs * jax.lax.stop_gradient(advantages), valid)
 
 
-def lvc_loss(log_probs: jax.Array, advantages: jax.Array, valid: jax.Array) -> jax.Array:
+def lvc_loss(log_probs: jax.Array, advantages: jax.Array, valid: jax.Array,
+             behaviour_log_probs: Optional[jax.Array] = None) -> jax.Array:
     """ProMP's low-variance curvature surrogate (Rothfuss et al. 2019, eq. 9): −E[π/⊥π · A_t].
 
     The ratio exp(log π − stop_gradient(log π)) is 1 in value, so the gradient equals REINFORCE's
@@ -157,9 +162,28 @@ def lvc_loss(log_probs: jax.Array, advantages: jax.Array, valid: jax.Array) -> j
     distribution shapes the inner step. As MAML's inner objective, its meta-gradient therefore credits the
     pre-update policy's exploration, which the plain surrogate does not. Per-step ratios, not products
     over the trajectory: the variance-reduced (biased) form the ProMP paper proposes over DiCE.
+
+    behaviour_log_probs: the sampling policy's log π of the actions (the rollout's recorded `log_probs`). Given,
+    the ratio is π/π_behaviour: equal in value and derivatives at the sampling parameters, and importance-weighted
+    when the inner step is replayed from other parameters (PPO's later epochs, TRPO's line search), as ProMP's
+    inner objective. None: the ratio to the current log π itself, always 1 in value (on-policy adaptation).
     """
-    ratio = jnp.exp(log_probs - jax.lax.stop_gradient(log_probs))
+    reference = jax.lax.stop_gradient(log_probs if behaviour_log_probs is None else behaviour_log_probs)
+    ratio = jnp.exp(log_probs - reference)
     return -masked_mean(ratio * jax.lax.stop_gradient(advantages), valid)
 
 
 INNER_ESTIMATORS = {"reinforce": reinforce_loss, "lvc": lvc_loss}
+
+
+def clipped_surrogate_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array, valid: jax.Array,
+                           clip_eps: float):
+    """PPO-clip (Schulman et al. 2017) over the valid steps: −mean(min(r·A, clip(r, 1 ± ε)·A)), r = π/π_old.
+
+    Returns (loss, the fraction of valid steps whose ratio lies outside 1 ± ε).
+    """
+    ratio = jnp.exp(log_probs - jax.lax.stop_gradient(old_log_probs))
+    adv = jax.lax.stop_gradient(advantages)
+    objective = jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv)
+    clipped = (jnp.abs(ratio - 1.0) > clip_eps).astype(ratio.dtype)
+    return -masked_mean(objective, valid), masked_mean(clipped, valid)
