@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_table import write_table  # noqa: E402  (scripts/ is not a package)
+from results_table import merge_absent, write_table  # noqa: E402  (scripts/ is not a package)
 
 OMNIGLOT = ("<!-- bayes-omniglot-table:begin -->", "<!-- bayes-omniglot-table:end -->")
 SINUSOID = ("<!-- bayes-sinusoid-table:begin -->", "<!-- bayes-sinusoid-table:end -->")
@@ -166,21 +166,10 @@ def sinusoid_markdown(rows) -> str:
           x["episodes"], x["run"]] for x in rows])
 
 
-def _cells(line: str) -> List[str]:
-    return [c.strip() for c in line.strip().strip("|").split("|")]
-
-
 def keep_absent(path: Path, markers, table: str, sort_key) -> str:
     """`table` plus the rows between `markers` in `path` whose last cell (the run) `table` does not hold,
     all data rows ordered by sort_key(cells)."""
-    text = path.read_text() if path.exists() else ""
-    if markers[0] not in text:
-        return table
-    old = text.split(markers[0], 1)[1].split(markers[1], 1)[0].strip().splitlines()[2:]
-    header, rows = table.splitlines()[:2], table.splitlines()[2:]
-    runs = {_cells(r)[-1] for r in rows}
-    rows += [r for r in old if r.startswith("|") and _cells(r)[-1] not in runs]
-    return "\n".join(header + sorted(rows, key=lambda r: sort_key(_cells(r)))) + "\n"
+    return merge_absent(path, table, lambda cells: cells[-1], sort_key, begin=markers[0], end=markers[1])
 
 
 def omniglot_sort_key(cells: List[str]):

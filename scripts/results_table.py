@@ -8,7 +8,8 @@ Each row is read from a run's results.json and .hydra/config.yaml: ours (mean ±
 the evaluation episodes) beside the paper's figure, with split, seed, steps, wall time, machine,
 and the last validation accuracies from metrics.jsonl (whether the run had stopped improving).
 With --table FILE, a file holding the markers below gets only the part between them replaced
-(the prose around the table is kept); any other file is overwritten with the table.
+(the prose around the table is kept); any other file is overwritten with the table. --keep-absent keeps
+the rows already there whose run dirs are not collected (run on another machine, or cleaned up).
 """
 from __future__ import annotations
 
@@ -136,6 +137,29 @@ def write_table(path: Path, table: str, begin: str = BEGIN, end: str = END) -> N
     tmp.replace(path)
 
 
+def table_cells(line: str) -> list[str]:
+    """The cells of one Markdown table row."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def merge_absent(path: Path, table: str, key, sort_key, begin: str = BEGIN, end: str = END) -> str:
+    """`table` plus the data rows already between `begin` and `end` in `path` whose key(cells) no row of
+    `table` has (runs whose dirs are not on this machine), every data row ordered by sort_key(cells)."""
+    text = path.read_text() if path.exists() else ""
+    if begin not in text or end not in text.split(begin, 1)[1]:
+        return table
+    old = text.split(begin, 1)[1].split(end, 1)[0].strip().splitlines()[2:]
+    header, rows = table.splitlines()[:2], table.splitlines()[2:]
+    present = {key(table_cells(r)) for r in rows}
+    rows += [r for r in old if r.startswith("|") and key(table_cells(r)) not in present]
+    return "\n".join(header + sorted(rows, key=lambda r: sort_key(table_cells(r)))) + "\n"
+
+
+def results_row_key(cells: list[str]):
+    """A results-table row is one run (preset name) at one setting with one set of overrides."""
+    return cells[0], cells[1], cells[-1]
+
+
 def plot_curves(dirs, rows, path: Path) -> None:
     """Validation accuracy against meta-steps, one line per run (did it plateau?)."""
     import matplotlib
@@ -165,11 +189,16 @@ def main(argv=None):
     p.add_argument("--collect", nargs="*", default=[], help="run or multirun dirs to tabulate")
     p.add_argument("--table", default=None, help="write the table here (default: print only)")
     p.add_argument("--curves", default=None, help="also plot validation accuracy per run to this PNG")
+    p.add_argument("--keep-absent", action="store_true",
+                   help="keep --table's rows whose run is not collected here (same run, setting and overrides: "
+                        "replaced)")
     a = p.parse_args(argv)
     dirs = run_presets(a.run, a.override, Path(a.out_root)) if a.run else []
     dirs += find_runs(a.collect)
     rows = [row(d) for d in dirs]
     table = markdown(rows)
+    if a.keep_absent and a.table:
+        table = merge_absent(Path(a.table), table, results_row_key, results_row_key)
     print(table)
     if a.table:
         write_table(Path(a.table), table)

@@ -81,3 +81,18 @@ def test_reptile_scored_transductively_stands_beside_the_transductive_figure(tmp
     transductive = fake_run(tmp_path / "t", algo="reptile", algo_cfg={"inner_state": "carry"}, transductive=True)
     inductive = fake_run(tmp_path / "n", algo="reptile", algo_cfg={"inner_state": "carry"}, transductive=False)
     assert (results_table.row(transductive)["paper"], results_table.row(inductive)["paper"]) == (97.68, 95.39)
+
+
+def test_keep_absent_keeps_rows_of_runs_not_on_this_machine_and_replaces_a_re_collected_one(tmp_path):
+    doc = tmp_path / "results.md"
+    old_row = ("| matchingnet_omniglot_5w1s | 5-way 1-shot | 97.25 ± 0.21 | 98.1 | -0.85 | 1000 | vinyals | 0 | 10000 "
+               "| 1 | 8.1 min | 97.6 (10k) | cpu:cpu | `algo.distance=l2` |")
+    stale = ("| protonet_omniglot_5w1s | 5-way 1-shot | 90.00 ± 0.50 | 98.8 | -8.80 | 1000 | vinyals | 0 | 4000 | 1 "
+             "| 10.0 min | 90.0 (4k) | cpu:cpu | `train.steps=4000` |")
+    header = results_table.markdown([]).rstrip("\n")
+    doc.write_text(f"intro\n{results_table.BEGIN}\n{header}\n{stale}\n{old_row}\n{results_table.END}\nend\n")
+    fake_run(tmp_path / "runs" / "run")  # protonet_omniglot_5w1s with train.steps=4000: replaces `stale`
+    results_table.main(["--collect", str(tmp_path / "runs"), "--table", str(doc), "--keep-absent"])
+    block = doc.read_text().split(results_table.BEGIN)[1].split(results_table.END)[0].strip().splitlines()
+    assert block[2] == old_row and "97.50 ± 0.21" in block[3] and "90.00" not in "\n".join(block)
+    assert len(block) == 4 and doc.read_text().endswith(f"{results_table.END}\nend\n")
