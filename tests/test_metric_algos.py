@@ -108,6 +108,36 @@ def test_matchingnet_attention_rows_sum_to_one_and_predict_weighted_one_hot_labe
     np.testing.assert_allclose(np.exp(np.asarray(logits)), probs, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("normalize, learn_scale", [("both", True), ("support", False)])
+def test_matchingnet_cosine_variants_against_numpy(normalize, learn_scale):
+    """Support-only normalisation = q · s/|s|; a learned scale multiplies the logits, starts at cosine_scale,
+    lives in meta_params["log_scale"] and receives a gradient (it changes what the softmax can express)."""
+    ways, shots = 3, 2
+    task = episode(ways, shots, 4, 14, seed=1)
+    embedding = Conv4(out_dim=None, filters=8, blocks=3)
+    algo = matchingnet(Net(embedding), logits_objective, ways, normalize=normalize, cosine_scale=5.0,
+                       learn_scale=learn_scale)
+    params, algo_state = jax.jit(algo.init)(jax.random.PRNGKey(1), task)
+    logits, zs, zq = jax.jit(lambda p: (run_episode(algo, p, algo_state, task)["logits"],
+                                        embedding.apply({"params": p["net"]}, task.support.x),
+                                        embedding.apply({"params": p["net"]}, task.query.x)))(params)
+    zs, zq = np.asarray(zs, np.float64), np.asarray(zq, np.float64)
+    unit_s = zs / np.linalg.norm(zs, axis=1, keepdims=True)
+    q = zq / np.linalg.norm(zq, axis=1, keepdims=True) if normalize == "both" else zq
+    similarity = 5.0 * q @ unit_s.T
+    attention = np.exp(similarity - similarity.max(1, keepdims=True))
+    attention /= attention.sum(1, keepdims=True)
+    probs = attention @ np.eye(ways)[np.asarray(task.support.y)]
+    np.testing.assert_allclose(np.exp(np.asarray(logits)), probs, rtol=1e-3, atol=1e-5)
+    assert ("log_scale" in params) == learn_scale
+    if learn_scale:
+        assert float(params["log_scale"]) == pytest.approx(np.log(5.0))
+        nll = lambda p: -jnp.mean(jnp.take_along_axis(run_episode(algo, p, algo_state, task)["logits"],  # noqa: E731
+                                                      task.query.y[:, None], 1))
+        grad = jax.grad(nll)(params)
+        assert abs(float(grad["log_scale"])) > 1e-6
+
+
 def test_matchingnet_class_log_probs_stay_finite_when_attention_is_sharp():
     # l2 similarities of distant embeddings: a naive log(softmax @ one_hot) gives log 0 = -inf.
     logits = jnp.array([[0.0, -1e4, -2e4]])
@@ -273,6 +303,9 @@ def test_all_twelve_presets_exist():
     (["algo=relationnet", "dataset=synthetic", "learner=mlp"], "learner=conv4"),
     (["algo=relationnet", "dataset=synthetic", "algo.class_feature=max"], "class_feature"),
     (["algo=matchingnet", "dataset=synthetic", "algo.distance=manhattan"], r"algo\.distance=manhattan is unknown"),
+    (["algo=matchingnet", "dataset=synthetic", "algo.normalize=query"], r"algo\.normalize=query is unknown"),
+    (["algo=matchingnet", "dataset=synthetic", "algo.cosine_scale=0"], r"algo\.cosine_scale=0\.0 must be > 0"),
+    (["algo=matchingnet", "dataset=synthetic", "algo.distance=l2", "algo.learn_scale=true"], "does not use them"),
 ])
 def test_misuse_fails_with_a_user_error(overrides, message):
     cfg = compose(overrides)

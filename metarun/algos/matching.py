@@ -14,20 +14,24 @@ from metarun.learners import Net
 from metarun.registry import register
 
 DISTANCES = ("cosine", "l2")
+NORMALIZE = ("both", "support")
 
 
 def attention_logits(queries: jax.Array, support: jax.Array, distance: str = "cosine",
-                     eps: float = 1e-8) -> jax.Array:
+                     eps: float = 1e-8, normalize: str = "both", scale=1.0) -> jax.Array:
     """[q, n] similarities whose row softmax is the attention a(x̂, x_i).
 
-    cosine: cos(f(x̂), g(x_i)) as in the paper; l2: -||f(x̂) - g(x_i)||², which re-implementations
-    found to train much better on Omniglot (cosines of post-ReLU embeddings lie in [0, 1], so the
-    cosine softmax over the support set stays nearly flat).
+    cosine: scale · cos(f(x̂), g(x_i)); the paper's form is scale 1 with both sides normalised. Cosines of
+    post-ReLU embeddings lie in [0, 1], so at scale 1 a 5-way softmax can give at most e/(e + 4) ≈ 0.40 to
+    the right support example, and the gradient stays weak. Two ways out: `scale` > 1 (fixed, or learned
+    by the caller), or normalize="support": f(x̂) · g(x_i)/|g(x_i)|, the support-only normalisation of the
+    widely copied reference implementations, where the query's norm acts as a per-query temperature.
+    l2: −|f(x̂) − g(x_i)|², which re-implementations found to train much better on Omniglot.
     """
     if distance == "l2":
         return -squared_distances(queries, support)
-    normalize = lambda v: v * jax.lax.rsqrt(jnp.square(v).sum(-1, keepdims=True) + eps)  # noqa: E731
-    return normalize(queries) @ normalize(support).T
+    unit = lambda v: v * jax.lax.rsqrt(jnp.square(v).sum(-1, keepdims=True) + eps)  # noqa: E731
+    return scale * ((unit(queries) if normalize == "both" else queries) @ unit(support).T)
 
 
 def cosine_attention(queries: jax.Array, support: jax.Array) -> jax.Array:
@@ -75,7 +79,8 @@ class QueryContext(nn.Module):
 
 
 def matchingnet(embedding: Net, objective, ways: int, fce: bool = False, fce_steps: int = 5,
-                distance: str = "cosine", info=None) -> MetaAlgorithm:
+                distance: str = "cosine", info=None, normalize: str = "both", cosine_scale: float = 1.0,
+                learn_scale: bool = False) -> MetaAlgorithm:
     """Builds Matching Networks over an embedding network; no inner gradient steps.
 
     `adapt` embeds the support set (the support bank; with FCE, re-embedded by a bidirectional
@@ -92,14 +97,26 @@ def matchingnet(embedding: Net, objective, ways: int, fce: bool = False, fce_ste
       fce: full context embeddings (Vinyals et al. appendix A.2).
       fce_steps: processing steps K of the attention LSTM.
       distance: "cosine" (the paper) or "l2".
+      normalize: cosine only; "both" (the paper) or "support" (support-only, see attention_logits).
+      cosine_scale: cosine only; the logits' scale (the paper: 1). learn_scale: meta-learn it, starting there,
+        as meta_params["log_scale"] (a scalar), the learned temperature of Baseline++ / TADAM.
     """
     if distance not in DISTANCES:
         raise UserError(f"algo.distance={distance} is unknown; expected one of {', '.join(DISTANCES)}")
+    if normalize not in NORMALIZE:
+        raise UserError(f"algo.normalize={normalize} is unknown; expected one of {', '.join(NORMALIZE)}")
+    if not cosine_scale > 0:
+        raise UserError(f"algo.cosine_scale={cosine_scale} must be > 0")
+    if distance != "cosine" and (normalize != "both" or cosine_scale != 1.0 or learn_scale):
+        raise UserError(f"algo.normalize, algo.cosine_scale and algo.learn_scale shape cosine attention; "
+                        f"algo.distance={distance} does not use them (leave them at both / 1.0 / false)")
     support_context, query_context = SupportContext(), QueryContext(fce_steps)
 
     def init(key, task):
         k_embed, k_g, k_f = jax.random.split(key, 3)
         params = {"net": embedding.init(k_embed, task.support.x)[0]}
+        if learn_scale:
+            params["log_scale"] = jnp.log(jnp.asarray(cosine_scale, jnp.float32))
         if fce:
             z = embedding.apply(params["net"], task.support.x)
             params["fce_g"] = support_context.init(k_g, z)["params"]
@@ -119,7 +136,9 @@ def matchingnet(embedding: Net, objective, ways: int, fce: bool = False, fce_ste
         queries = embedding.apply_query(meta_params["net"], query.x, task_state["support_x"])
         if fce:
             queries = query_context.apply({"params": meta_params["fce_f"]}, queries, bank)
-        log_probs = class_log_probs(attention_logits(queries, bank, distance), task_state["support_one_hot"])
+        scale = jnp.exp(meta_params["log_scale"]) if learn_scale else cosine_scale
+        logits = attention_logits(queries, bank, distance, normalize=normalize, scale=scale)
+        log_probs = class_log_probs(logits, task_state["support_one_hot"])
         return objective(log_probs, query.y)
 
     return MetaAlgorithm(init=init, adapt=adapt, loss=loss, info=info or {})
@@ -131,6 +150,9 @@ class MatchingNetConfig:
     fce: bool = False        # full context embeddings (bidirectional LSTM + attention LSTM)
     fce_steps: int = 5       # processing steps K of the attention LSTM (used only when fce)
     distance: str = "cosine" # cosine (the paper) | l2 (negative squared Euclidean distance)
+    normalize: str = "both"  # cosine: both sides (the paper) | support (support-only, as reference implementations)
+    cosine_scale: float = 1.0  # cosine: logits' scale (the paper: 1); the initial value when learn_scale
+    learn_scale: bool = False  # cosine: meta-learn the scale (meta_params["log_scale"])
 
 
 @register("algo", "matchingnet", schema=MatchingNetConfig)
@@ -140,5 +162,9 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
     if a.fce_steps < 1:
         raise UserError(f"algo.fce_steps={a.fce_steps} must be >= 1")
     net = Net(c.learner(None), c.train, c.transductive)
-    info = {"name": "matchingnet", "distance": a.distance, "fce": bool(a.fce), "fce_steps": a.fce_steps}
-    return matchingnet(net, c.family.objective, c.family.ways(c.phase), a.fce, a.fce_steps, a.distance, info)
+    # .get: configs saved before these keys existed ran the paper's form
+    normalize, scale, learn = a.get("normalize", "both"), float(a.get("cosine_scale", 1.0)), bool(a.get("learn_scale", False))
+    info = {"name": "matchingnet", "distance": a.distance, "fce": bool(a.fce), "fce_steps": a.fce_steps,
+            "normalize": normalize, "cosine_scale": scale, "learn_scale": learn}
+    return matchingnet(net, c.family.objective, c.family.ways(c.phase), a.fce, a.fce_steps, a.distance, info,
+                       normalize, scale, learn)
