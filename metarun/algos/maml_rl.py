@@ -74,8 +74,9 @@ def maml_rl(policy, family, inner_lr: float, inner_steps: int, first_order: bool
     e.g. navigation2d's oracle, are computed on the very tasks evaluated) and, when the family draws
     paths, `_paths` [steps + 1, T, obs] (the first trajectory of every support rollout and of the query
     rollout, NaN after its end) for its trajectory plot. "_" keeps both out of the summaries.
-    outer: "reinforce" (the default meta-step) or "trpo" (`trpo_meta_step`, with `trpo` settings; its
-    meta-step returns −step: apply it with optax.sgd(1.0)). Adaptation and evaluation are the same for both.
+    outer: "reinforce" (the default meta-step), "trpo" (`trpo_meta_step`, with `trpo` settings) or "ppo"
+    (`ppo_meta_step`, with `ppo` settings); trpo's and ppo's meta-steps return −step: apply it with
+    optax.sgd(1.0). Adaptation and evaluation are the same for all three.
     inner_estimator: the inner step's surrogate, "reinforce" or "lvc" (ProMP); both take the same step.
     """
     inner_surrogate = inner_estimator_loss(inner_estimator)

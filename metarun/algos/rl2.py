@@ -25,14 +25,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-import rlax
 
 from metarun.algos.base import Collaborators, MetaAlgorithm, mean_over_tasks
 from metarun.algos.own_step import META_OPT_VIEW, WEIGHT_DECAY_VIEW, check_applies_step_unchanged
 from metarun.errors import UserError
 from metarun.learners.rl_policies import RL2Inputs
 from metarun.registry import register
-from metarun.rl.policy_gradient import discounted_returns, normalize_advantages, reinforce_loss
+from metarun.rl.policy_gradient import (clipped_surrogate_loss, discounted_returns, normalize_advantages,
+                                        reinforce_loss)
 from metarun.rl.rollout import recurrent_log_probs
 
 BASELINES = ("time", "linear", "none")
@@ -106,9 +106,9 @@ def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = Fa
     def ppo_loss(params, trial):
         """PPO-clip over a task's trials: r = π_params / π_old on the recorded actions, the trial's advantages."""
         traj, adv = trial
-        ratio = jnp.exp(recurrent_log_probs(apply, params, traj, init_carry) - traj.log_probs)
-        loss = rlax.clipped_surrogate_pg_loss(ratio.reshape(-1), adv.reshape(-1), clip_eps)
-        return loss, jnp.mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32))
+        # RL² trials are valid throughout (valid is all ones), so the masked means are plain means.
+        return clipped_surrogate_loss(recurrent_log_probs(apply, params, traj, init_carry), traj.log_probs, adv,
+                                      traj.valid, clip_eps)
 
     def ppo_meta_step(meta_params, algo_state, tasks, key, map_tasks):
         keys = jax.random.split(key, jax.tree.leaves(tasks)[0].shape[0])
