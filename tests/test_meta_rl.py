@@ -193,6 +193,66 @@ def test_bandit_summaries_carry_oracle_thompson_and_regret_rows_on_the_same_task
     assert 30.0 < m["ucb_return"]["mean"] < 45.0 and m["ucb_regret"]["mean"] > 0
 
 
+def numpy_ucb1_rewards(probs, uniforms):
+    """UCB1 in plain numpy: every arm once in index order, then argmax mean + sqrt(2 ln t / n)."""
+    sums, counts, rewards = np.zeros(len(probs)), np.zeros(len(probs)), []
+    for t, u in enumerate(uniforms):
+        if (counts == 0).any():
+            arm = int(np.argmax(counts == 0))
+        else:
+            arm = int(np.argmax(sums / counts + np.sqrt(2.0 * np.log(max(t, 1)) / counts)))
+        r = float(u < probs[arm])
+        sums[arm] += r
+        counts[arm] += 1
+        rewards.append(r)
+    return np.array(rewards)
+
+
+def test_ucb_on_given_draws_equals_a_numpy_ucb1_and_thompson_pays_only_what_the_draws_allow():
+    from metarun.rl.references import bernoulli_thompson_rewards, bernoulli_ucb_rewards
+
+    probs = np.array([0.35, 0.55], np.float32)
+    uniforms = np.asarray(jax.random.uniform(jax.random.PRNGKey(3), (200,)))
+    np.testing.assert_array_equal(np.asarray(bernoulli_ucb_rewards(jnp.asarray(probs), jnp.asarray(uniforms))),
+                                  numpy_ucb1_rewards(probs, uniforms))
+    # a draw pays iff u < p[arm]: draws above both probabilities pay nothing, below both always pay
+    high, low = jnp.full((50,), 0.6), jnp.full((50,), 0.3)
+    assert float(bernoulli_thompson_rewards(jnp.asarray(probs), high, KEY).sum()) == 0.0
+    assert float(bernoulli_thompson_rewards(jnp.asarray(probs), low, KEY).sum()) == 50.0
+
+
+def test_bandit_summaries_replay_the_recorded_draws_as_paired_differences():
+    family = load_family(small("experiment=rl2_bernoulli_bandit", "dataset.horizon=50"))
+    tasks = np.array([[0.9, 0.1, 0.9], [0.9, 0.9, 0.1]] * 5, np.float32)
+    returns = np.arange(10, dtype=np.float64) + 30.0
+    uniforms = np.asarray(jax.random.uniform(KEY, (10, 50, 4)))  # [tasks, T, trials]
+    m = family.summarize({"return": returns, "_task": tasks, "_reward_uniforms": uniforms})["metrics"]
+    # UCB is deterministic given the draws: its return is the numpy UCB1's, averaged over the 4 trials
+    ucb = np.array([np.mean([numpy_ucb1_rewards(t[1:], u[:, n]).sum() for n in range(4)])
+                    for t, u in zip(tasks, uniforms)])
+    assert m["ucb_return"]["mean"] == pytest.approx(ucb.mean(), rel=1e-6)
+    assert m["return_minus_ucb"]["mean"] == pytest.approx((returns - ucb).mean(), rel=1e-6)
+    assert m["return_minus_thompson"]["mean"] == pytest.approx(returns.mean() - m["thompson_return"]["mean"], rel=1e-6)
+    # draws that never pay: both references score 0 on them (they are read, not redrawn)
+    m0 = family.summarize({"return": returns, "_task": tasks, "_reward_uniforms": np.full((10, 50, 4), 0.95)})["metrics"]
+    assert m0["thompson_return"]["mean"] == 0.0 and m0["ucb_return"]["mean"] == 0.0
+
+
+def test_rl2_evaluation_records_the_trials_reward_draws():
+    cfg = small("experiment=rl2_bernoulli_bandit", "dataset.horizon=30", "dataset.fast_batch=3")
+    family = load_family(cfg)
+    algo = make_algo(cfg, family, "eval")
+    task = family.sampler("test")({}, jax.random.PRNGKey(5))
+    params, state = algo.init(KEY, task)
+    key = jax.random.PRNGKey(9)
+    traj, draws = algo.adapt(params, state, task.support, key)
+    _, metrics = algo.loss(params, state, (traj, draws), task.query, key)
+    u = np.asarray(metrics["_reward_uniforms"])
+    assert u.shape == (30, 3)
+    probs = np.asarray(task.support.env_params["reward_probs"])
+    np.testing.assert_array_equal(np.asarray(traj.rewards), (u < probs[np.asarray(traj.actions)]).astype(np.float32))
+
+
 # ---- learning -------------------------------------------------------------------------------------------
 def train_and_score(cfg, steps: int, episodes: int = 40):
     """(metrics of the untrained and the trained meta-parameters on the same fixed test tasks)."""

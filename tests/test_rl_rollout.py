@@ -135,3 +135,25 @@ def test_rl2_rollout_vmaps_over_gymnax_bandit_tasks():
     assert traj.rewards.shape == (3, 100, 2) and set(np.unique(traj.rewards)) <= {0.0, 1.0}
     np.testing.assert_array_equal(traj.dones[:, -1], 1.0)  # the 100-pull trial is one episode
     np.testing.assert_array_equal(traj.dones[:, :-1], 0.0)
+
+
+def test_trial_env_keys_replay_the_bandit_rewards_of_a_recurrent_rollout():
+    """The reward of every step equals uniform(its env key) < p[pulled arm]: the references can replay the
+    very draws of the algorithm's trials (metarun.rl.references.bernoulli_reward_uniforms)."""
+    from metarun.rl.references import bernoulli_reward_uniforms
+    from metarun.rl.rollout import trial_env_keys
+
+    bandit = get_env("BernoulliBandit-misc")
+    task = {"reward_probs": jnp.array([0.3, 0.6], jnp.float32), "exp_reward_best": jnp.float32(0.6)}
+    gru = GRUPolicy(action_size=2, discrete=True, hidden_size=8)
+    carry0 = gru.initial_carry()
+    params = gru.init(KEY, carry0[None], jnp.zeros((1, bandit.obs_size)), jnp.zeros(1, jnp.int32), jnp.zeros(1),
+                      jnp.zeros(1))
+    key = jax.random.PRNGKey(7)
+    traj = jax.jit(lambda k: rollout_recurrent(bandit, gru.apply, params, task, k, 60, 3, carry0))(key)
+    uniforms = np.asarray(bernoulli_reward_uniforms(trial_env_keys(key, 60, 3)))
+    assert uniforms.shape == (60, 3)
+    arms = np.asarray(traj.actions)
+    assert 0 < arms.mean() < 1  # both arms pulled: the check covers each arm's threshold
+    expected = (uniforms < np.array([0.3, 0.6], np.float32)[arms]).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(traj.rewards), expected)

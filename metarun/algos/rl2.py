@@ -65,7 +65,8 @@ def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = Fa
 
     meta_params: the policy's params; algo_state: {} ({"ppo_opt": Adam state} with objective="ppo").
     record (evaluation): also `_task`, the task's parameters as a vector, from which the family
-    computes its reference rows (bandit: oracle, Thompson sampling, regrets) on the same tasks.
+    computes its reference rows (bandit: oracle, Thompson sampling, regrets) on the same tasks, and the
+    family's `trial_draws` of the trials (bandit: their reward draws, which the references then replay).
     """
     env = family.env
     init_carry = policy.initial_carry()
@@ -84,11 +85,15 @@ def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = Fa
 
     def adapt(meta_params, algo_state, support, key):
         del algo_state
-        return family.rollout_trial(apply, jax.lax.stop_gradient(meta_params), support.env_params, key, episodes,
+        traj = family.rollout_trial(apply, jax.lax.stop_gradient(meta_params), support.env_params, key, episodes,
                                     init_carry)
+        return (traj, family.trial_draws(key, episodes)) if record else traj
 
     def loss(meta_params, algo_state, traj, query, key):
         del algo_state, key  # the trial recorded in adapt is the data of the outer loss
+        draws = {}
+        if record:
+            traj, draws = traj
         log_probs = recurrent_log_probs(apply, meta_params, traj, init_carry)
         total = reinforce_loss(log_probs, trial_advantages(traj, family.settings.gamma, baseline, family), traj.valid)
         per_episode = episode_returns(traj, episodes)
@@ -96,6 +101,7 @@ def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = Fa
         metrics = {"loss": total, "return": later, **{f"return_ep{i + 1}": r for i, r in enumerate(per_episode)}}
         if record:
             metrics["_task"] = family.task_vector(query.env_params)
+            metrics.update(draws)
         return total, metrics
 
     if objective == "reinforce":

@@ -20,8 +20,9 @@ from metarun.metrics import MetricsLog, mean_ci95
 from metarun.registry import lookup, register
 from metarun.rl.envs import Env
 from metarun.rl.policy_gradient import linear_baseline_advantages
-from metarun.rl.references import bernoulli_thompson_return, bernoulli_ucb_return, navigation_oracle_return
-from metarun.rl.rollout import Trajectories, rollout, rollout_recurrent
+from metarun.rl.references import (bernoulli_reward_uniforms, bernoulli_thompson_return, bernoulli_thompson_rewards,
+                                   bernoulli_ucb_return, bernoulli_ucb_rewards, navigation_oracle_return)
+from metarun.rl.rollout import Trajectories, rollout, rollout_recurrent, trial_env_keys
 
 POLICY_LEARNERS = ("gaussian_mlp", "categorical_mlp", "gru")
 
@@ -87,6 +88,15 @@ class RLFamily(TaskFamily):
         return rollout_recurrent(self.env, policy_apply, params, env_params, key, episodes * self.settings.horizon,
                                  n_traj or self.settings.fast_batch, init_carry)
 
+    def trial_draws(self, key, episodes: int, n_traj: Optional[int] = None) -> dict:
+        """What an evaluation records so that `summarize` can replay the references on the draws of the
+        trials `rollout_trial(..., key, episodes, ...)` ran: the Bernoulli bandit's reward uniforms
+        `_reward_uniforms` [steps, n_traj]; {} for other environments."""
+        if self.env.name != "BernoulliBandit-misc":
+            return {}
+        keys = trial_env_keys(key, episodes * self.settings.horizon, n_traj or self.settings.fast_batch)
+        return {"_reward_uniforms": bernoulli_reward_uniforms(keys)}
+
     def advantages(self, traj: Trajectories, reg_coeff: float = 1e-5, normalize: bool = True, dones=None):
         """Linear feature baseline fitted on this batch, then GAE(gamma, gae_lambda); constants for the gradient."""
         adv = linear_baseline_advantages(traj, self.settings.gamma, self.settings.gae_lambda, reg_coeff,
@@ -125,7 +135,11 @@ class RLFamily(TaskFamily):
         """The protocol's numbers, plus reference rows on the very tasks evaluated (from the algorithm's
         `_task`): navigation2d's `oracle_return` (straight to the goal at full speed); the Bernoulli
         bandit's `oracle_return` (the better arm's expected return), `thompson_return`, `ucb_return` and the
-        regrets (`regret` of the algorithm, `thompson_regret`, `ucb_regret`) against the oracle."""
+        regrets (`regret` of the algorithm, `thompson_regret`, `ucb_regret`) against the oracle. When the
+        evaluation recorded its trials' reward draws (`_reward_uniforms`, from `trial_draws`), Thompson
+        sampling and UCB1 play those very draws, as many runs as the algorithm's trials and as long, scored
+        as the algorithm's `return`; `return_minus_thompson` / `return_minus_ucb` are then paired per-task
+        differences (present only then: otherwise the references played their own draws)."""
         out = super().summarize(per_task)
         if "_task" not in per_task:
             return out
@@ -139,17 +153,33 @@ class RLFamily(TaskFamily):
             horizon = self.settings.horizon
             oracle = np.asarray(tasks[:, 0]) * horizon
             keys = jax.random.split(jax.random.PRNGKey(0), tasks.shape[0])
-            thompson = np.asarray(self._reference("ts", lambda p, k: bernoulli_thompson_return(p, k, horizon))(
-                tasks[:, 1:3], keys))
-            ucb = np.asarray(self._reference("ucb", lambda p, k: bernoulli_ucb_return(p, k, horizon))(
-                tasks[:, 1:3], keys))
+            returns = np.asarray(per_task[self.metric], np.float64)
+            if "_reward_uniforms" in per_task:  # the algorithm's draws: paired, and return_minus_* say so
+                uniforms = jnp.asarray(np.asarray(per_task["_reward_uniforms"], np.float32))  # [tasks, T, N]
+                thompson = np.asarray(self._reference("ts_same", lambda p, u, k: self._trial_return(
+                    jax.vmap(bernoulli_thompson_rewards, (None, 1, 0))(p, u, jax.random.split(k, u.shape[1]))))(
+                    tasks[:, 1:3], uniforms, keys), np.float64)
+                ucb = np.asarray(self._reference("ucb_same", lambda p, u: self._trial_return(
+                    jax.vmap(bernoulli_ucb_rewards, (None, 1))(p, u)))(tasks[:, 1:3], uniforms), np.float64)
+                extra = {"return_minus_thompson": returns - thompson, "return_minus_ucb": returns - ucb}
+            else:
+                thompson = np.asarray(self._reference("ts", lambda p, k: bernoulli_thompson_return(p, k, horizon))(
+                    tasks[:, 1:3], keys))
+                ucb = np.asarray(self._reference("ucb", lambda p, k: bernoulli_ucb_return(p, k, horizon))(
+                    tasks[:, 1:3], keys))
+                extra = {}
             extra = {"oracle_return": oracle, "thompson_return": thompson, "thompson_regret": oracle - thompson,
-                     "ucb_return": ucb, "ucb_regret": oracle - ucb,
-                     "regret": oracle - np.asarray(per_task[self.metric], np.float64)}
+                     "ucb_return": ucb, "ucb_regret": oracle - ucb, "regret": oracle - returns, **extra}
         for name, values in extra.items():
             stats = mean_ci95(np.asarray(values, np.float64))
             out["metrics"][name] = {"mean": stats["mean"], "ci95": stats["ci95"]}
         return out
+
+    def _trial_return(self, rewards: jax.Array) -> jax.Array:
+        """rl2's `return` for reference players' rewards [runs, T] over trials of T / horizon episodes: the
+        mean per-episode return over the episodes after the first (the first when there is one)."""
+        per_episode = rewards.reshape(rewards.shape[0], -1, self.settings.horizon).sum(-1).mean(0)
+        return per_episode[1:].mean() if per_episode.shape[0] > 1 else per_episode[0]
 
     def _reference(self, name: str, fn):
         """`fn` vmapped over tasks and jitted once per family (validation calls it again and again)."""

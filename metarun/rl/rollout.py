@@ -107,14 +107,14 @@ def rollout_recurrent(env: Env, policy_apply: Callable, policy_params: Any, env_
     Returns:
         Trajectories [T, N] with valid = 1 everywhere and dones marking episode ends inside the trial.
     """
-    reset_key, scan_key = jax.random.split(key)
+    reset_key, step_keys = _trial_keys(key, horizon)
     obs, state = jax.vmap(env.reset, (0, None))(jax.random.split(reset_key, n_traj), env_params)
     env_reset = jax.vmap(env.reset, (0, None))
     env_step = jax.vmap(env.step, (0, 0, 0, None))
 
     def body(carry, step_key):
         h, obs, state, prev_action, prev_reward, prev_done = carry
-        act_key, env_key, new_ep_key = jax.random.split(step_key, 3)
+        act_key, env_key, new_ep_key = _split_trial_step_key(step_key)
         h, dist = policy_apply(policy_params, h, obs, prev_action, prev_reward, prev_done)
         action = jax.lax.stop_gradient(dist.sample(act_key))
         log_prob = dist.log_prob(action)
@@ -126,8 +126,29 @@ def rollout_recurrent(env: Env, policy_apply: Callable, policy_params: Any, env_
         return (h, next_obs, next_state, action, reward, done), out
 
     carry = (_broadcast_carry(init_carry, n_traj), obs, state, *_initial_prev(env, n_traj))
-    _, traj = jax.lax.scan(body, carry, jax.random.split(scan_key, horizon))
+    _, traj = jax.lax.scan(body, carry, step_keys)
     return traj
+
+
+def _trial_keys(key: jax.Array, horizon: int):
+    """(the reset key, [T] per-step keys) of `rollout_recurrent` for its key."""
+    reset_key, scan_key = jax.random.split(key)
+    return reset_key, jax.random.split(scan_key, horizon)
+
+
+def _split_trial_step_key(step_key: jax.Array):
+    """(action key, env-step key, new-episode key) of one step of `rollout_recurrent`."""
+    return jax.random.split(step_key, 3)
+
+
+def trial_env_keys(key: jax.Array, horizon: int, n_traj: int) -> jax.Array:
+    """[T, N] the keys `rollout_recurrent(..., key, horizon, n_traj, ...)` hands `env.step` at step t of trial n.
+
+    An env whose step draws its outcome from its key alone (the Bernoulli bandit) can be replayed from these:
+    the reference players of metarun.rl.references then meet the very draws the algorithm's trials met.
+    """
+    _, step_keys = _trial_keys(key, horizon)
+    return jax.vmap(lambda k: jax.random.split(_split_trial_step_key(k)[1], n_traj))(step_keys)
 
 
 def policy_log_probs(policy_apply: Callable, policy_params: Any, traj: Trajectories) -> jax.Array:
