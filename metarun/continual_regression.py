@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -132,7 +133,6 @@ def evaluate_representation(represent, pln, family, eval_cfg) -> dict:
 def run_continual_regression(cfg, family, params, algo_state, run_dir=None) -> dict:
     """results.json's `continual` section for a regression-stream run: the trained representation and the
     untrained one (the learner's initialisation from cfg.seed) on the same functions."""
-    del run_dir  # no figure yet: the numbers are in results.json
     start = time.perf_counter()
     collaborators = Collaborators(family=family, learner=partial(build_learner, cfg.learner), learner_cfg=cfg.learner,
                                   phase="eval")
@@ -160,4 +160,32 @@ def run_continual_regression(cfg, family, params, algo_state, run_dir=None) -> d
             "draws": f"numpy default_rng([eval.seed={cfg.eval.seed}, {TEST_STREAM}, functions, run])",
             "metric": "mse (lower is better); forgetting >= 0 = MSE rise from its best; backward_transfer < 0 = "
                       "later functions raised earlier ones' MSE",
-            "wall_s": round(time.perf_counter() - start, 3), "plots": []}
+            "wall_s": round(time.perf_counter() - start, 3),
+            "plots": [] if run_dir is None else mse_curve_plot(cfg, family, trained, untrained, run_dir)}
+
+
+# OML's Fig. 3 (mrcl README plots/regression.png), MSE over the 10 functions after the last, read off the plot
+# (±0.05; no table of numbers was found): drawn as markers beside the measured curves.
+PAPER_FINAL_MSE = {"OML (paper, read off Fig. 3)": 0.35, "SR-NN (paper)": 0.87, "pretraining (paper)": 1.45}
+
+
+def mse_curve_plot(cfg, family, trained: dict, untrained: dict, run_dir) -> list:
+    """continual_curve.png: mean MSE over the functions learned so far after each one (`mse_after`), trained and
+    untrained representations, 95% CI bands; [] with a warning if drawing fails (the numbers are kept)."""
+    try:
+        from metarun.plots.continual_curve import continual_curve
+
+        functions = family.shapes["test"][0]
+        ks = list(range(1, functions + 1))
+        curves = {f"{name} ({int(cfg.eval.continual_runs)} runs, lr {r['lr']:g})":
+                  (ks, [a["mean"] for a in r["mse_after"]], [a["ci95"] for a in r["mse_after"]])
+                  for name, r in ((f"{cfg.algo.name}, trained", trained), ("untrained network", untrained))}
+        reference = {label: {functions: v} for label, v in PAPER_FINAL_MSE.items()} if functions == 10 else None
+        path = continual_curve(curves, Path(run_dir) / "continual_curve.png",
+                               title=f"{cfg.algo.name} on {family.name}: MSE over the functions learned so far",
+                               reference=reference, xlabel="functions learned (one pass)",
+                               ylabel="mean MSE on their held-out points", ylim=None, legend_loc="upper left")
+        return [path.name]
+    except Exception as e:  # a figure must not cost the run its numbers
+        log.warning("continual MSE curve failed: %s", e)
+        return []

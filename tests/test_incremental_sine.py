@@ -190,3 +190,4 @@ def test_brief_meta_training_beats_the_untrained_representation(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     c = json.loads((run / "results.json").read_text())["continual"]
     assert c["mse"]["mean"] < c["untrained"]["mse"]["mean"]
+    assert c["plots"] == ["continual_curve.png"] and (run / "continual_curve.png").stat().st_size > 0

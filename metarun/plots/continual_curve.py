@@ -1,4 +1,5 @@
-"""Accuracy against the number of classes learned one after another, with the 95% CI band, as a PNG."""
+"""A score against the number of classes (or functions) learned one after another, with the 95% CI band, as a PNG:
+accuracy for Omniglot streams, MSE for incremental regression."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,13 +9,17 @@ import numpy as np
 
 
 def continual_curve(curves: Dict[str, Tuple[Sequence[int], Sequence[float], Sequence[float]]], path,
-                    title: str = "Continual learning", reference: Optional[Dict[str, Dict[int, float]]] = None) -> Path:
+                    title: str = "Continual learning", reference: Optional[Dict[str, Dict[int, float]]] = None,
+                    xlabel: str = "classes learned (one pass, one image per step)",
+                    ylabel: str = "accuracy on their held-out images", ylim: Optional[Tuple[float, float]] = (0.0, 1.0),
+                    legend_loc: str = "lower left") -> Path:
     """Writes the plot to `path` and returns it.
 
     Args:
       curves: {label: (classes learned K, mean accuracy after learning them, 95% CI half-width)}; one line
         and a shaded band per label (None entries, e.g. a diverged K, are left out).
       reference: {label: {K: accuracy}} published figures drawn as markers (optional).
+      xlabel, ylabel, ylim, legend_loc: the axes (defaults: the Omniglot protocol's accuracy; ylim None = auto).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -32,12 +37,13 @@ def continual_curve(curves: Dict[str, Tuple[Sequence[int], Sequence[float], Sequ
     for label, points in (reference or {}).items():
         ks = sorted(points)
         ax.plot(ks, [points[k] for k in ks], linestyle="none", marker="x", label=label)
-    ax.set_xlabel("classes learned (one pass, one image per step)")
-    ax.set_ylabel("accuracy on their held-out images")
-    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc=legend_loc)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
