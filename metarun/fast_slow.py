@@ -13,7 +13,7 @@ from metarun.registry import lookup
 
 # Algorithms whose meta_params["net"] are the learner's own params (a body and, for head-based ones, a final
 # Dense named "head"): the body is the slow part, a fresh linear head the fast one.
-BODY_ALGOS = ("maml", "fomaml", "anil", "metasgd", "reptile", "protonet")
+BODY_ALGOS = ("maml", "fomaml", "anil", "metasgd", "reptile", "protonet", "pretrain")
 
 
 class FastSlow(NamedTuple):
