@@ -72,6 +72,16 @@ class Evaluator:
         return self.evaluate(params, algo_state)[0]
 
 
+def plotted_inner_steps(family, main_steps, per_task) -> Optional[int]:
+    """Which evaluation the family's figures draw: the main one, or — for a family whose figures show every
+    adaptation stage (`plots_all_stages`, e.g. navigation2d's trajectories after 0..n steps) — the one with
+    the most inner steps among eval.report_steps."""
+    counted = [s for s in per_task if s is not None]
+    if getattr(family, "plots_all_stages", False) and counted:
+        return max(counted)
+    return main_steps
+
+
 def write_results(run_dir: Path, cfg, evaluator: Evaluator, params, algo_state, extra: dict) -> dict:
     """Evaluate the test protocol and write results.json atomically (strict JSON); returns the results."""
     start = time.perf_counter()
@@ -81,7 +91,7 @@ def write_results(run_dir: Path, cfg, evaluator: Evaluator, params, algo_state, 
     family = evaluator.family
     plots, plot_error = [], None
     try:
-        plots = family.plots(run_dir, per_task[evaluator.inner_steps])
+        plots = family.plots(run_dir, per_task[plotted_inner_steps(family, evaluator.inner_steps, per_task)])
     except Exception as e:  # a figure must not cost the run its results.json; the error is recorded there
         log.warning("plots failed: %s", e)
         plot_error = f"{type(e).__name__}: {e}"

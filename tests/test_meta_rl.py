@@ -285,16 +285,23 @@ def test_rl2_beats_random_play_on_the_bernoulli_bandit():
 
 
 # ---- the trainer's path ---------------------------------------------------------------------------------
-def test_maml_rl_smoke_run_writes_results_with_returns_before_and_after(tmp_path):
+def test_maml_rl_smoke_run_writes_results_with_returns_before_and_after(tmp_path, monkeypatch):
+    from metarun.plots import rl_trajectories
     from metarun.train import run
 
+    drawn = []
+    original = rl_trajectories.navigation_paths
+    monkeypatch.setattr(rl_trajectories, "navigation_paths", lambda paths, *a, **k: drawn.append(
+        np.asarray(paths).shape) or original(paths, *a, **k))
     cfg = small("algo=maml_rl", "dataset=navigation2d", "learner=gaussian_mlp", "debug=smoke",
-                "dataset.horizon=20", "dataset.fast_batch=5", "eval.report_steps=[0,1]")
+                "dataset.horizon=20", "dataset.fast_batch=5", "eval.report_steps=[0,1,2]")
     run(cfg, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["metric"] == "return" and results["higher_is_better"] and results["task_family"] == "rl"
     assert results["episodes"] == 20 and results["ci95"] >= 0 and results["inner_steps"] == 1
-    assert set(results["by_inner_steps"]) == {"0", "1"}
+    assert set(results["by_inner_steps"]) == {"0", "1", "2"}
+    # the trajectory figure draws the 2-step evaluation: stages 0, 1 and 2 (not only the main 1-step one)
+    assert drawn[-1][:2] == (20, 3)
     assert "return_before" in results["metrics"] and results["env"] == "navigation2d" and results["horizon"] == 20
     # the oracle on the same goals: with horizon 20 it always arrives, so its return is a few tenths
     assert -2.0 < results["metrics"]["oracle_return"]["mean"] < 0.0 < results["metrics"]["oracle_return"]["ci95"]

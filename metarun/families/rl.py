@@ -61,6 +61,7 @@ class RLFamily(TaskFamily):
     kind = "rl"
     metric = "return"
     higher_is_better = True
+    plots_all_stages = True  # trajectories.png draws the evaluation with the most inner steps (eval.report_steps)
 
     def __init__(self, name: str, settings: RLSettings, task_cfg, dataset_cfg):
         del task_cfg  # episode shapes come from the dataset section (horizon, fast_batch)
