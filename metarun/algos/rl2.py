@@ -6,7 +6,10 @@ adapt: run `fast_batch` trials of `episodes_per_trial` episodes of the task with
 loss: REINFORCE over the whole trial (returns discounted across episode boundaries: the trial is one
   long episode, as in RL²), log π replayed from the trial's start with the meta-parameters; the
   baseline is `time` (the mean return-to-go over the task's trials at the same step, an A2C-like
-  critic without a value head), `linear` (the linear feature baseline) or `none`.
+  critic without a value head), `linear` (the linear feature baseline), `none`, or `value`: A2C's critic (Wang
+  et al. 2016) — a linear value head on the GRU's hidden state (which it reads but does not train),
+  advantages = GAE(γ, dataset.gae_lambda) on its values, and `value_coef` × its squared error to the
+  λ-returns added to the loss; `entropy_coef` adds A2C's entropy bonus with any baseline.
 Metrics: `return` = mean per-episode return over the episodes after the first (all of them when a
 trial has one episode, e.g. a 100-pull bandit), `return_ep{i}` per episode, `loss`.
 
@@ -31,11 +34,11 @@ from metarun.algos.own_step import META_OPT_VIEW, WEIGHT_DECAY_VIEW, check_appli
 from metarun.errors import UserError
 from metarun.learners.rl_policies import RL2Inputs
 from metarun.registry import register
-from metarun.rl.policy_gradient import (clipped_surrogate_loss, discounted_returns, normalize_advantages,
-                                        reinforce_loss)
-from metarun.rl.rollout import recurrent_log_probs
+from metarun.rl.policy_gradient import (clipped_surrogate_loss, discounted_returns, gae, masked_mean,
+                                        normalize_advantages, reinforce_loss)
+from metarun.rl.rollout import recurrent_replay
 
-BASELINES = ("time", "linear", "none")
+BASELINES = ("time", "linear", "none", "value")
 OBJECTIVES = ("reinforce", "ppo")
 
 
@@ -47,8 +50,25 @@ def episode_returns(traj, episodes: int) -> jax.Array:
     return jnp.stack(per)
 
 
+def value_estimates(value_head, hidden, scale: float) -> jax.Array:
+    """V(history up to t) [T, N]: a linear head {"kernel" [H], "bias" []} on the GRU's hidden states [T, N, H],
+    times `scale` (rl2 passes Σ_t γ^t over a trial: the discounted return of a reward of 1 per step). Why: Adam
+    moves each weight by about its learning rate per step, so an unscaled head needs thousands of steps to reach
+    returns of ~50 (a 100-pull bandit trial); scaled, weights of order 1 do."""
+    return (hidden @ value_head["kernel"] + value_head["bias"]) * scale
+
+
+def critic_targets(traj, values, gamma: float, lam: float):
+    """(advantages [T, N], λ-return targets [T, N]) from the critic's values, over whole trials (no cut at
+    episode ends: the trial is one long episode, as the REINFORCE returns are); constants for the gradient."""
+    values = jax.lax.stop_gradient(values)
+    adv = gae(traj.rewards, values, traj.valid, gamma, lam)
+    return jax.lax.stop_gradient(adv), jax.lax.stop_gradient((adv + values) * traj.valid)
+
+
 def trial_advantages(traj, gamma: float, baseline: str, family) -> jax.Array:
-    """Advantages over whole trials [T, N], normalised; constants for the gradient."""
+    """Advantages over whole trials [T, N], normalised; constants for the gradient (not for baseline="value",
+    whose advantages come from the critic: critic_targets)."""
     if baseline == "linear":
         adv = family.advantages(traj)
     else:
@@ -60,10 +80,15 @@ def trial_advantages(traj, gamma: float, baseline: str, family) -> jax.Array:
 
 
 def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = False, info=None,
-        objective: str = "reinforce", ppo_epochs: int = 4, ppo_lr: float = 1e-3, clip_eps: float = 0.2) -> MetaAlgorithm:
+        objective: str = "reinforce", ppo_epochs: int = 4, ppo_lr: float = 1e-3, clip_eps: float = 0.2,
+        value_coef: float = 0.5, entropy_coef: float = 0.0) -> MetaAlgorithm:
     """Builds RL² over a recurrent policy (metarun.learners.rl_policies.GRU) and an `rl` family.
 
-    meta_params: the policy's params; algo_state: {} ({"ppo_opt": Adam state} with objective="ppo").
+    meta_params: the policy's params, or with baseline="value" {"policy": them, "value": a linear head on the
+    GRU's hidden state} (A2C's critic, Wang et al. 2016: advantages = GAE(λ = dataset.gae_lambda) on its values,
+    plus `value_coef` × the squared error to the λ-returns in the loss); `entropy_coef` × the policy's mean
+    entropy is subtracted from the loss (A2C's exploration bonus; 0 = none).
+    algo_state: {} ({"ppo_opt": Adam state} with objective="ppo").
     record (evaluation): also `_task`, the task's parameters as a vector, from which the family
     computes its reference rows (bandit: oracle, Thompson sampling, regrets) on the same tasks, and the
     family's `trial_draws` of the trials (bandit: their reward draws, which the references then replay).
@@ -71,6 +96,11 @@ def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = Fa
     env = family.env
     init_carry = policy.initial_carry()
     ppo_opt = optax.adam(ppo_lr)
+    critic = baseline == "value"
+    gamma, lam = family.settings.gamma, family.settings.gae_lambda
+    policy_of = (lambda p: p["policy"]) if critic else (lambda p: p)
+    trial_steps = episodes * family.settings.horizon
+    value_scale = float(trial_steps if gamma == 1.0 else (1.0 - gamma ** trial_steps) / (1.0 - gamma))
 
     def apply(params, h, obs, prev_action, prev_reward, prev_done):
         return policy.apply({"params": params}, RL2Inputs(h, obs, prev_action, prev_reward, prev_done))
@@ -81,24 +111,60 @@ def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = Fa
         x = RL2Inputs(policy.initial_carry((1,)), jnp.zeros((1, env.obs_size), jnp.float32), prev_action,
                       jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.float32))
         params = policy.init(key, x)["params"]
+        if critic:  # a zero critic starts as baseline="none" (V = 0), and learns from the first step
+            hidden = init_carry.shape[-1]
+            params = {"policy": params, "value": {"kernel": jnp.zeros((hidden,)), "bias": jnp.zeros(())}}
         return params, ({"ppo_opt": ppo_opt.init(params)} if objective == "ppo" else {})
 
     def adapt(meta_params, algo_state, support, key):
         del algo_state
-        traj = family.rollout_trial(apply, jax.lax.stop_gradient(meta_params), support.env_params, key, episodes,
-                                    init_carry)
+        traj = family.rollout_trial(apply, jax.lax.stop_gradient(policy_of(meta_params)), support.env_params, key,
+                                    episodes, init_carry)
         return (traj, family.trial_draws(key, episodes)) if record else traj
+
+    def replay(params, traj):
+        """(log π [T, N], V [T, N] or None, entropy [T, N]) of the trial under `params`."""
+        log_probs, hidden, entropy = recurrent_replay(apply, policy_of(params), traj, init_carry)
+        # The critic reads the hidden state without training the GRU. Measured on experiment=rl2_bernoulli_bandit,
+        # 200 steps (session 11): a shared torso trained by the critic's squared error reached 80.4 (scaled head)
+        # or stayed at random play, 49.7 (unscaled, value_coef 0.5 or 0.005); the detached critic 89.05, as
+        # baseline=time (89.1) and none (88.8).
+        values = value_estimates(params["value"], jax.lax.stop_gradient(hidden), value_scale) if critic else None
+        return log_probs, values, entropy
+
+    def advantages_and_targets(traj, values):
+        """(normalised advantages, λ-return targets or None): the critic's GAE, or trial_advantages."""
+        if critic:
+            adv, targets = critic_targets(traj, values, gamma, lam)
+            return normalize_advantages(adv, traj.valid), targets
+        return trial_advantages(traj, gamma, baseline, family), None
+
+    def regularisers(values, targets, entropy, valid):
+        """(value_coef · critic MSE − entropy_coef · mean entropy, their metrics)."""
+        metrics, total = {}, 0.0
+        if critic:
+            value_loss = masked_mean((values - targets) ** 2, valid)
+            total = total + value_coef * value_loss
+            metrics["value_loss"] = value_loss
+        if entropy_coef:
+            mean_entropy = masked_mean(entropy, valid)
+            total = total - entropy_coef * mean_entropy
+            metrics["entropy"] = mean_entropy
+        return total, metrics
 
     def loss(meta_params, algo_state, traj, query, key):
         del algo_state, key  # the trial recorded in adapt is the data of the outer loss
         draws = {}
         if record:
             traj, draws = traj
-        log_probs = recurrent_log_probs(apply, meta_params, traj, init_carry)
-        total = reinforce_loss(log_probs, trial_advantages(traj, family.settings.gamma, baseline, family), traj.valid)
+        log_probs, values, entropy = replay(meta_params, traj)
+        adv, targets = advantages_and_targets(traj, values)
+        extra, extra_metrics = regularisers(values, targets, entropy, traj.valid)
+        total = reinforce_loss(log_probs, adv, traj.valid) + extra
         per_episode = episode_returns(traj, episodes)
         later = per_episode[1:].mean() if episodes > 1 else per_episode[0]
-        metrics = {"loss": total, "return": later, **{f"return_ep{i + 1}": r for i, r in enumerate(per_episode)}}
+        metrics = {"loss": total, "return": later, **extra_metrics,
+                   **{f"return_ep{i + 1}": r for i, r in enumerate(per_episode)}}
         if record:
             metrics["_task"] = family.task_vector(query.env_params)
             metrics.update(draws)
@@ -110,11 +176,13 @@ def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = Fa
         raise ValueError(f"objective={objective!r}: expected one of {OBJECTIVES}")
 
     def ppo_loss(params, trial):
-        """PPO-clip over a task's trials: r = π_params / π_old on the recorded actions, the trial's advantages."""
-        traj, adv = trial
+        """PPO-clip over a task's trials: r = π_params / π_old on the recorded actions, the trial's advantages
+        (fixed at sampling), plus the critic / entropy terms on the replay under `params`."""
+        traj, adv, targets = trial
+        log_probs, values, entropy = replay(params, traj)
         # RL² trials are valid throughout (valid is all ones), so the masked means are plain means.
-        return clipped_surrogate_loss(recurrent_log_probs(apply, params, traj, init_carry), traj.log_probs, adv,
-                                      traj.valid, clip_eps)
+        surrogate, clipped = clipped_surrogate_loss(log_probs, traj.log_probs, adv, traj.valid, clip_eps)
+        return surrogate + regularisers(values, targets, entropy, traj.valid)[0], clipped
 
     def ppo_meta_step(meta_params, algo_state, tasks, key, map_tasks):
         keys = jax.random.split(key, jax.tree.leaves(tasks)[0].shape[0])
@@ -123,7 +191,8 @@ def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = Fa
             adapt_key, loss_key = jax.random.split(k)  # metarun.algos.base.task_loss's split
             traj = adapt(meta_params, algo_state, task.support, adapt_key)
             _, metrics = loss(meta_params, algo_state, traj, task.query, loss_key)
-            return (traj, trial_advantages(traj, family.settings.gamma, baseline, family)), metrics
+            adv, targets = advantages_and_targets(traj, replay(meta_params, traj)[1] if critic else None)
+            return (traj, adv, targets), metrics
 
         trials, metrics = map_tasks(sample, tasks, keys)
 
@@ -148,7 +217,9 @@ def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = Fa
 class RL2Config:
     name: str = "rl2"
     episodes_per_trial: int = 2    # episodes of one task the hidden state carries across
-    baseline: str = "time"         # time | linear | none (see trial_advantages)
+    baseline: str = "time"         # time | linear | none (see trial_advantages) | value (A2C's learned critic)
+    value_coef: float = 0.5        # baseline=value: weight of the critic's squared error in the loss
+    entropy_coef: float = 0.0      # weight of the policy's entropy bonus (A2C uses ~0.01; 0 = none)
     objective: str = "reinforce"   # reinforce (one gradient through meta_opt) | ppo (PPO-clip epochs; meta_opt=sgd, lr 1.0)
     ppo_epochs: int = 4            # objective=ppo: Adam steps on each meta-batch's trials
     ppo_lr: float = 1e-3
@@ -170,11 +241,15 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
         raise UserError(f"algo.episodes_per_trial={a.episodes_per_trial} must be >= 1")
     if a.baseline not in BASELINES:
         raise UserError(f"algo.baseline={a.baseline} is unknown; expected one of: {', '.join(BASELINES)}")
+    value_coef, entropy_coef = a.get("value_coef", 0.5), a.get("entropy_coef", 0.0)  # older configs: no such keys
+    if not value_coef >= 0 or not entropy_coef >= 0:
+        raise UserError(f"algo.value_coef={value_coef} and algo.entropy_coef={entropy_coef} must be >= 0")
     objective = a.get("objective", "reinforce")  # configs saved before objective= existed ran REINFORCE
     if objective not in OBJECTIVES:
         raise UserError(f"algo.objective={objective} is unknown; expected one of: {', '.join(OBJECTIVES)}")
     info = {"name": a.name, "episodes_per_trial": a.episodes_per_trial, "baseline": a.baseline,
-            "outer": "REINFORCE over the trial through meta_opt", "inner_steps": None}
+            "outer": "REINFORCE over the trial through meta_opt", "inner_steps": None,
+            "value_coef": value_coef if a.baseline == "value" else None, "entropy_coef": entropy_coef}
     if objective == "ppo":
         for key, ok, expected in (("ppo_epochs", a.ppo_epochs >= 1, ">= 1"), ("ppo_lr", a.ppo_lr > 0, "> 0"),
                                   ("clip_eps", a.clip_eps > 0, "> 0")):
@@ -188,4 +263,4 @@ def build(a, c: Collaborators) -> MetaAlgorithm:
     policy = c.learner(c.family.head_dim(c.phase), discrete=c.family.env.discrete)
     return rl2(policy, c.family, a.episodes_per_trial, a.baseline, record=not c.train, info=info,
                objective=objective, ppo_epochs=a.get("ppo_epochs", 4), ppo_lr=a.get("ppo_lr", 1e-3),
-               clip_eps=a.get("clip_eps", 0.2))
+               clip_eps=a.get("clip_eps", 0.2), value_coef=value_coef, entropy_coef=entropy_coef)

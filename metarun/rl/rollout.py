@@ -158,6 +158,13 @@ def policy_log_probs(policy_apply: Callable, policy_params: Any, traj: Trajector
 
 def recurrent_log_probs(policy_apply: Callable, policy_params: Any, traj: Trajectories, init_carry: Any) -> jax.Array:
     """log π_θ(a_t|history) [T, N] of a recurrent policy, replaying the trial's inputs from its start."""
+    return recurrent_replay(policy_apply, policy_params, traj, init_carry)[0]
+
+
+def recurrent_replay(policy_apply: Callable, policy_params: Any, traj: Trajectories, init_carry: Any):
+    """Replays the trial's inputs from its start: (log π_θ(a_t|history) [T, N], the hidden state after reading
+    step t's inputs [T, N, ...] — what the action distribution of step t was computed from, so a value head
+    on it is V(history up to t) — and the distributions' entropies [T, N])."""
     n_traj = traj.rewards.shape[1]
     prev_action, prev_reward, prev_done = _initial_prev_like(traj)
     shift = lambda x, x0: jnp.concatenate([x0[None], x[:-1]], 0)  # input at t is what happened at t-1
@@ -167,10 +174,10 @@ def recurrent_log_probs(policy_apply: Callable, policy_params: Any, traj: Trajec
     def body(h, xs):
         obs, pa, pr, pd, action = xs
         h, dist = policy_apply(policy_params, h, obs, pa, pr, pd)
-        return h, dist.log_prob(action)
+        return h, (dist.log_prob(action), h, dist.entropy())
 
-    _, log_probs = jax.lax.scan(body, _broadcast_carry(init_carry, n_traj), inputs)
-    return log_probs
+    _, out = jax.lax.scan(body, _broadcast_carry(init_carry, n_traj), inputs)
+    return out
 
 
 def _initial_prev_like(traj: Trajectories):
