@@ -10,7 +10,7 @@ import pytest
 
 from metarun.rl.envs import Env, NavigationParams, get_env
 from metarun.rl.policies import Categorical, CategoricalMLPPolicy, DiagGaussian, GaussianMLPPolicy, GRUPolicy
-from metarun.rl.rollout import policy_log_probs, recurrent_log_probs, rollout, rollout_recurrent
+from metarun.rl.rollout import policy_log_probs, recurrent_replay, rollout, rollout_recurrent
 
 # Compiles many small programs (tens of seconds on 2 cores): run in CI's second pass (--runslow).
 pytestmark = pytest.mark.slow
@@ -86,7 +86,7 @@ def test_rl2_trial_resets_env_but_carries_hidden_state():
     again = run(params, jnp.float32(1.0), KEY, 10, 5, carry0)
     np.testing.assert_array_equal(traj.actions, again.actions)
     # Replaying the inputs (obs, previous action, reward, done) from the trial's start gives the same log-probs.
-    replay = recurrent_log_probs(policy.apply, params, traj, carry0)
+    replay = recurrent_replay(policy.apply, params, traj, carry0)[0]
     np.testing.assert_allclose(replay, traj.log_probs, rtol=1e-5, atol=1e-6)
     # The hidden state is not reset at the episode boundary: the same step-4 inputs (first step of the
     # second episode) from a zero hidden state give other action probabilities.

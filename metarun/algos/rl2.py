@@ -152,11 +152,9 @@ def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = Fa
             metrics["entropy"] = mean_entropy
         return total, metrics
 
-    def loss(meta_params, algo_state, traj, query, key):
-        del algo_state, key  # the trial recorded in adapt is the data of the outer loss
-        draws = {}
-        if record:
-            traj, draws = traj
+    def trial_loss(meta_params, traj):
+        """(REINFORCE loss + regularisers, metrics, (advantages, targets)) of one task's trials: one replay
+        serves the loss and, for PPO's sampling, the advantages its epochs keep fixed."""
         log_probs, values, entropy = replay(meta_params, traj)
         adv, targets = advantages_and_targets(traj, values)
         extra, extra_metrics = regularisers(values, targets, entropy, traj.valid)
@@ -165,6 +163,14 @@ def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = Fa
         later = per_episode[1:].mean() if episodes > 1 else per_episode[0]
         metrics = {"loss": total, "return": later, **extra_metrics,
                    **{f"return_ep{i + 1}": r for i, r in enumerate(per_episode)}}
+        return total, metrics, (adv, targets)
+
+    def loss(meta_params, algo_state, traj, query, key):
+        del algo_state, key  # the trial recorded in adapt is the data of the outer loss
+        draws = {}
+        if record:
+            traj, draws = traj
+        total, metrics, _ = trial_loss(meta_params, traj)
         if record:
             metrics["_task"] = family.task_vector(query.env_params)
             metrics.update(draws)
@@ -188,10 +194,9 @@ def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = Fa
         keys = jax.random.split(key, jax.tree.leaves(tasks)[0].shape[0])
 
         def sample(task, k):
-            adapt_key, loss_key = jax.random.split(k)  # metarun.algos.base.task_loss's split
+            adapt_key, _ = jax.random.split(k)  # metarun.algos.base.task_loss's split (the loss takes no key)
             traj = adapt(meta_params, algo_state, task.support, adapt_key)
-            _, metrics = loss(meta_params, algo_state, traj, task.query, loss_key)
-            adv, targets = advantages_and_targets(traj, replay(meta_params, traj)[1] if critic else None)
+            _, metrics, (adv, targets) = trial_loss(meta_params, traj)
             return (traj, adv, targets), metrics
 
         trials, metrics = map_tasks(sample, tasks, keys)

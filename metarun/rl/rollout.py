@@ -156,11 +156,6 @@ def policy_log_probs(policy_apply: Callable, policy_params: Any, traj: Trajector
     return policy_apply(policy_params, traj.obs).log_prob(traj.actions)
 
 
-def recurrent_log_probs(policy_apply: Callable, policy_params: Any, traj: Trajectories, init_carry: Any) -> jax.Array:
-    """log π_θ(a_t|history) [T, N] of a recurrent policy, replaying the trial's inputs from its start."""
-    return recurrent_replay(policy_apply, policy_params, traj, init_carry)[0]
-
-
 def recurrent_replay(policy_apply: Callable, policy_params: Any, traj: Trajectories, init_carry: Any):
     """Replays the trial's inputs from its start: (log π_θ(a_t|history) [T, N], the hidden state after reading
     step t's inputs [T, N, ...] — what the action distribution of step t was computed from, so a value head
