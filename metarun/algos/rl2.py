@@ -36,7 +36,7 @@ from metarun.learners.rl_policies import RL2Inputs
 from metarun.registry import register
 from metarun.rl.policy_gradient import (clipped_surrogate_loss, discounted_returns, gae, masked_mean,
                                         normalize_advantages, reinforce_loss)
-from metarun.rl.rollout import recurrent_replay
+from metarun.rl.rollout import later_episodes_return, recurrent_replay
 
 BASELINES = ("time", "linear", "none", "value")
 OBJECTIVES = ("reinforce", "ppo")
@@ -160,8 +160,7 @@ def rl2(policy, family, episodes: int, baseline: str = "time", record: bool = Fa
         extra, extra_metrics = regularisers(values, targets, entropy, traj.valid)
         total = reinforce_loss(log_probs, adv, traj.valid) + extra
         per_episode = episode_returns(traj, episodes)
-        later = per_episode[1:].mean() if episodes > 1 else per_episode[0]
-        metrics = {"loss": total, "return": later, **extra_metrics,
+        metrics = {"loss": total, "return": later_episodes_return(per_episode), **extra_metrics,
                    **{f"return_ep{i + 1}": r for i, r in enumerate(per_episode)}}
         return total, metrics, (adv, targets)
 

@@ -22,7 +22,7 @@ from metarun.rl.envs import Env
 from metarun.rl.policy_gradient import linear_baseline_advantages
 from metarun.rl.references import (bernoulli_reward_uniforms, bernoulli_thompson_return, bernoulli_thompson_rewards,
                                    bernoulli_ucb_return, bernoulli_ucb_rewards, navigation_oracle_return)
-from metarun.rl.rollout import Trajectories, rollout, rollout_recurrent, trial_env_keys
+from metarun.rl.rollout import Trajectories, later_episodes_return, rollout, rollout_recurrent, trial_env_keys
 
 POLICY_LEARNERS = ("gaussian_mlp", "categorical_mlp", "gru")
 
@@ -179,8 +179,7 @@ class RLFamily(TaskFamily):
     def _trial_return(self, rewards: jax.Array) -> jax.Array:
         """rl2's `return` for reference players' rewards [runs, T] over trials of T / horizon episodes: the
         mean per-episode return over the episodes after the first (the first when there is one)."""
-        per_episode = rewards.reshape(rewards.shape[0], -1, self.settings.horizon).sum(-1).mean(0)
-        return per_episode[1:].mean() if per_episode.shape[0] > 1 else per_episode[0]
+        return later_episodes_return(rewards.reshape(rewards.shape[0], -1, self.settings.horizon).sum(-1).mean(0))
 
     def _reference(self, name: str, fn):
         """`fn` vmapped over tasks and jitted once per family (validation calls it again and again)."""

@@ -151,6 +151,13 @@ def trial_env_keys(key: jax.Array, horizon: int, n_traj: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.split(_split_trial_step_key(k)[1], n_traj))(step_keys)
 
 
+def later_episodes_return(per_episode: jax.Array) -> jax.Array:
+    """RL²'s score of a trial from its per-episode returns [episodes]: the mean over the episodes after the
+    first (what the hidden state could learn from), or the first when the trial has one episode. rl2's
+    `return` and the bandit references scored on its draws (families/rl.py) both use it."""
+    return per_episode[1:].mean() if per_episode.shape[0] > 1 else per_episode[0]
+
+
 def policy_log_probs(policy_apply: Callable, policy_params: Any, traj: Trajectories) -> jax.Array:
     """log π_θ(a_t|s_t) [T, N] of a feed-forward policy on recorded trajectories (e.g. after adaptation)."""
     return policy_apply(policy_params, traj.obs).log_prob(traj.actions)
