@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # own LLVM module: with them off, an end-to-end smoke run compiles in ~30% less CPU time (31 -> 22 s for reptile's)
 # with the same results. Set before jax starts (test modules import it after this file), inherited by the CLI
 # subprocesses; runs outside the tests keep XLA's defaults. METARUN_TEST_XLA_DEFAULTS=1 tests with the defaults.
-_TEST_XLA_FLAG = "--xla_cpu_use_fusion_emitters=false"
+TEST_XLA_FLAG = "--xla_cpu_use_fusion_emitters=false"
 if not os.environ.get("METARUN_TEST_XLA_DEFAULTS") and "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_TEST_XLA_FLAG}".strip()
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
 
 # Small but enough for 5-way episodes everywhere: lake split (last 5 background alphabets = val)
 # gives train 2x3=6, val 5x3=15, test 2x3=6 characters.

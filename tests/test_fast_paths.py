@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import TEST_XLA_FLAG
 
 from metarun.algos.base import meta_step
 from metarun.algos.maml import maml
@@ -195,7 +196,7 @@ def test_cpu_vmap_through_xla_conv_is_refused_in_one_line():
 
 # The wrong gradients come from XLA's CPU fusion emitters: with them off (tests/conftest.py turns them off unless
 # METARUN_TEST_XLA_DEFAULTS=1) the same program is right, so the test must pass there and fail with the defaults.
-_FUSION_EMITTERS_ON = "xla_cpu_use_fusion_emitters=false" not in os.environ.get("XLA_FLAGS", "")
+_FUSION_EMITTERS_ON = TEST_XLA_FLAG not in os.environ.get("XLA_FLAGS", "")
 
 
 @pytest.mark.slow
